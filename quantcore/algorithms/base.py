@@ -1,0 +1,75 @@
+"""What every algorithm shares: the stage context it runs in and the per-layer result it
+returns. The math of each algorithm lives in its own file beside this one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from quantcore.eval.layer_error import sqnr_db
+from quantcore.modules.quantized_linear import QuantizedLinear
+from quantcore.qparams import QParams
+from quantcore.recipe import Stage
+from quantcore.targets import set_module
+
+
+@dataclass
+class StageContext:
+    """What the pipeline hands an algorithm: progress reporting and (later) calibration data."""
+
+    progress: Callable[[int, int, str], None] = lambda current, total, message="": None
+    calibration: list[torch.Tensor] | None = None
+    seed: int = 0
+
+
+@dataclass
+class LayerResult:
+    name: str
+    shape: tuple[int, int]
+    weight_scheme: str
+    activation_scheme: str | None
+    sqnr_db: float
+    float16_bytes: int
+    quantized_bytes: int
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "weight_scheme": self.weight_scheme,
+            "activation_scheme": self.activation_scheme,
+            "sqnr_db": round(self.sqnr_db, 3),
+            "float16_bytes": self.float16_bytes,
+            "quantized_bytes": self.quantized_bytes,
+            **self.extra,
+        }
+
+
+def replace_with_quantized(
+    model: nn.Module,
+    name: str,
+    linear: nn.Linear,
+    stage: Stage,
+    qparams: QParams | None = None,
+    weight: torch.Tensor | None = None,
+) -> LayerResult:
+    """Swap `linear` for a QuantizedLinear and measure the weight error against the original float weight."""
+    assert stage.weights is not None
+    qlinear = QuantizedLinear.from_float(
+        linear, stage.weights, stage.activations, qparams=qparams, weight=weight, scale_dtype=getattr(torch, stage.scale_dtype)
+    )
+    error = sqnr_db(linear.weight.detach().float(), qlinear.dequantize_weight())
+    set_module(model, name, qlinear)
+    return LayerResult(
+        name=name,
+        shape=(qlinear.out_features, qlinear.in_features),
+        weight_scheme=stage.weights.short_name(),
+        activation_scheme=stage.activations.short_name() if stage.activations else None,
+        sqnr_db=error,
+        float16_bytes=linear.weight.numel() * 2,
+        quantized_bytes=qlinear.storage_bytes(),
+    )

@@ -1,0 +1,112 @@
+"""One quantization job, start to finish, with no server: the unit the worker runs.
+
+    load model → baseline evaluation → apply recipe stages → evaluate quantized →
+    export artifact folder (with report.json and a sha256 manifest)
+
+`run_job` reports progress through a callback `progress(stage, current, total, message)`;
+the callback may raise `JobCancelled` to stop the job between steps (the service uses this
+for cancellation). Everything the job writes goes under `output_dir`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from quantcore.recipe import Recipe
+
+STAGES = ("load", "baseline", "quantize", "evaluate", "export")
+
+
+class JobCancelled(Exception):
+    """Raised from a progress callback to stop a job; the job leaves no artifact."""
+
+
+class ProgressFn(Protocol):
+    def __call__(self, stage: str, current: int, total: int, message: str = "") -> None: ...
+
+
+class EvaluationSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    dataset: Literal["pydoc-topics"] = "pydoc-topics"
+    perplexity_tokens: int = Field(16384, ge=512, le=1_048_576, description="evaluation tokens for perplexity")
+    window: int = Field(512, ge=16, le=8192, description="non-overlapping window length")
+    embedding_paragraphs: int = Field(512, ge=1, le=100_000, description="paragraphs for encoder cosine")
+    baseline: bool = Field(True, description="also evaluate the float model (cached per model and split)")
+
+
+class CalibrationSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: Literal["pydoc-topics"] = "pydoc-topics"
+    num_samples: int = Field(128, ge=1, le=4096)
+    seq_len: int = Field(512, ge=16, le=8192)
+
+
+class JobRequest(BaseModel):
+    """What a user submits: the model, the recipe, and how to calibrate and evaluate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="'bundled:<name>', a hub id 'org/name' (local cache only), or a local path")
+    recipe: Recipe
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    export: list[Literal["qforge"]] = Field(default_factory=lambda: ["qforge"])
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @field_validator("recipe", mode="before")
+    @classmethod
+    def _recipe_from_preset_or_text(cls, v: Any) -> Any:
+        return Recipe.parse(v) if isinstance(v, str) else v
+
+
+def _noop_progress(stage: str, current: int, total: int, message: str = "") -> None:
+    return None
+
+
+def environment() -> dict[str, str]:
+    """Library versions and machine, written into every report and benchmark."""
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("qforge", "transformers", "safetensors", "gguf", "numpy"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    versions["machine"] = f"{platform.machine()}, {_cpu_name()}, {os.cpu_count()} cores"
+    versions["threads"] = str(torch.get_num_threads())
+    return versions
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+def run_job(request: JobRequest, output_dir: Path, progress: ProgressFn | Callable[..., None] | None = None) -> dict:
+    """Run `request` and write the artifact folder to `output_dir / "artifact"`; return the report."""
+    from quantcore.pipeline import execute
+
+    progress = progress or _noop_progress
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    report = execute(request, output_dir, progress)
+    report["timings"]["total_s"] = round(time.time() - started, 3)
+    return report

@@ -1,0 +1,163 @@
+"""Recipes: which algorithm, at which bit width and granularity, on which layers.
+
+A recipe is data (YAML or JSON) validated here, at the edge, and stored with the job
+exactly as run. Unknown keys and impossible combinations are rejected with a message that
+names the field.
+
+    name: w4a16-rtn-g64
+    stages:
+      - algorithm: rtn
+        targets: [Linear]
+        ignore: [lm_head]
+        weights: {type: int, bits: 4, symmetric: true, granularity: group, group_size: 64}
+        activations: null
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from quantcore.schemes import Granularity, QuantScheme
+
+SUPPORTED_TARGETS = ("Linear",)
+
+
+class Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: str = Field(description="registered algorithm name, see quantcore.registry")
+    targets: list[str] = Field(default_factory=lambda: ["Linear"], description="module types to quantize")
+    ignore: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        description="module-name patterns left in float: exact name, fnmatch glob, or 're:<regex>'",
+    )
+    weights: QuantScheme | None = None
+    activations: QuantScheme | None = None
+    options: dict[str, Any] = Field(default_factory=dict, description="algorithm-specific options")
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="precision in which the artifact stores weight scales"
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_known(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if t not in SUPPORTED_TARGETS:
+                raise ValueError(f"unsupported target '{t}'; supported: {', '.join(SUPPORTED_TARGETS)}")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_static(cls, v: QuantScheme | None) -> QuantScheme | None:
+        if v is not None:
+            if v.dynamic:
+                raise ValueError("weights are quantized once, ahead of time: dynamic must be false")
+            if v.granularity == Granularity.TOKEN:
+                raise ValueError("granularity 'token' is for activations; use tensor, channel or group for weights")
+        return v
+
+    @model_validator(mode="after")
+    def _algorithm_known(self) -> "Stage":
+        # Imported here: the registry imports the algorithms, which import this module's types.
+        from quantcore.registry import validate_stage
+
+        validate_stage(self)
+        return self
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "custom"
+    stages: list[Stage] = Field(min_length=1)
+
+    @classmethod
+    def parse(cls, value: "Recipe | str | dict[str, Any]") -> "Recipe":
+        """A Recipe from a preset name, a YAML/JSON string, or a dict."""
+        if isinstance(value, Recipe):
+            return value
+        if isinstance(value, str):
+            if value in PRESETS:
+                return preset(value)
+            try:
+                data = yaml.safe_load(value)
+            except yaml.YAMLError as exc:
+                raise ValueError(f"recipe is neither a preset name nor valid YAML/JSON: {exc}") from None
+            if not isinstance(data, dict):
+                raise ValueError(
+                    f"unknown preset '{value}'; presets: {', '.join(sorted(PRESETS))}"
+                    if isinstance(data, str)
+                    else "a recipe must be a mapping with 'stages'"
+                )
+            value = data
+        return cls.model_validate(value)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------
+# presets
+# --------------------------------------------------------------------------------------
+def _w(bits: int, granularity: str = "channel", group_size: int | None = None, symmetric: bool = True) -> dict:
+    return {"type": "int", "bits": bits, "symmetric": symmetric, "granularity": granularity, "group_size": group_size}
+
+
+_A8_TOKEN = {"type": "int", "bits": 8, "symmetric": True, "granularity": "token", "dynamic": True}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "w8a16-rtn": {
+        "description": "int8 weights per output channel, symmetric; activations stay in float",
+        "stages": [{"algorithm": "rtn", "weights": _w(8)}],
+    },
+    "w8a8-rtn": {
+        "description": "int8 per-channel weights and int8 per-token dynamic activations (runs int8 matmuls on CPU)",
+        "stages": [{"algorithm": "rtn", "weights": _w(8), "activations": _A8_TOKEN}],
+    },
+    "w4a16-rtn": {
+        "description": "int4 weights per output channel, symmetric",
+        "stages": [{"algorithm": "rtn", "weights": _w(4)}],
+    },
+    "w4a16-rtn-g64": {
+        "description": "int4 weights in groups of 64, symmetric",
+        "stages": [{"algorithm": "rtn", "weights": _w(4, "group", 64)}],
+    },
+    "w4a16-rtn-g128": {
+        "description": "int4 weights in groups of 128, symmetric",
+        "stages": [{"algorithm": "rtn", "weights": _w(4, "group", 128)}],
+    },
+    "w4a16-rtn-g64-asym": {
+        "description": "int4 weights in groups of 64, asymmetric (zero points)",
+        "stages": [{"algorithm": "rtn", "weights": _w(4, "group", 64, symmetric=False)}],
+    },
+    "w3a16-rtn-g64": {
+        "description": "int3 weights in groups of 64, symmetric",
+        "stages": [{"algorithm": "rtn", "weights": _w(3, "group", 64)}],
+    },
+    "fp8-rtn": {
+        "description": "fp8 e4m3 weights per output channel",
+        "stages": [
+            {
+                "algorithm": "rtn",
+                "weights": {"type": "fp8_e4m3", "bits": 8, "symmetric": True, "granularity": "channel"},
+            }
+        ],
+    },
+}
+
+
+def preset(name: str) -> Recipe:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset '{name}'; presets: {', '.join(sorted(PRESETS))}")
+    body = {k: v for k, v in PRESETS[name].items() if k != "description"}
+    return Recipe.model_validate({"name": name, **body})
+
+
+def list_presets() -> list[dict[str, Any]]:
+    return [
+        {"name": name, "description": spec["description"], "recipe": preset(name).model_dump(mode="json")}
+        for name, spec in PRESETS.items()
+    ]
