@@ -1,0 +1,83 @@
+"""run_job end to end on small real inputs: progress, report, artifact, reload, cancellation."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from quantcore.eval import evaluate_perplexity
+from quantcore.export import load_quantized
+from quantcore.job import EvaluationSpec, JobCancelled, JobRequest, run_job
+from quantcore.models import resolve_model_ref
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    """A small random llama with a real tokenizer, saved as a local HF folder."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_ref("bundled:minilm-l6").path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    folder = tmp_path_factory.mktemp("tiny-llm")
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_job_writes_report_and_reloadable_artifact(tiny_llm, tmp_path):
+    events = []
+    request = JobRequest(model=str(tiny_llm), recipe="w4a16-rtn-g64", evaluation={"perplexity_tokens": 1024})
+    report = run_job(request, tmp_path, lambda stage, current, total, message="": events.append((stage, current, total)))
+
+    stages = [e[0] for e in events]
+    assert stages.index("load") < stages.index("baseline") < stages.index("quantize") < stages.index("evaluate") < stages.index("export")
+    quantize_events = [e for e in events if e[0] == "quantize"]
+    assert quantize_events[-1][1:] == (14, 14)  # 2 blocks x 7 linears, lm_head ignored
+
+    metrics = report["metrics"]
+    assert metrics["baseline"]["perplexity"] > 1 and metrics["quantized"]["perplexity"] > 1
+    assert len(report["layers"]) == 14 and all(math.isfinite(layer["sqnr_db"]) for layer in report["layers"])
+    assert report["recipe"]["name"] == "w4a16-rtn-g64" and report["versions"]["torch"].startswith("2.13")
+    assert report["sizes"]["linear"]["ratio_to_float16"] <= 0.30
+
+    reloaded = load_quantized(tmp_path / "artifact")
+    assert reloaded.report["metrics"] == metrics
+    ppl = evaluate_perplexity(reloaded.model, reloaded.tokenizer, EvaluationSpec(perplexity_tokens=1024))
+    assert ppl == pytest.approx(metrics["quantized"]["perplexity"], rel=1e-6)
+
+
+def test_cancellation_stops_between_layers(tiny_llm, tmp_path):
+    def progress(stage, current, total, message=""):
+        if stage == "quantize" and current == 3:
+            raise JobCancelled()
+
+    request = JobRequest(model=str(tiny_llm), recipe="w8a16-rtn", evaluation={"enabled": False})
+    with pytest.raises(JobCancelled):
+        run_job(request, tmp_path, progress)
+    assert not (tmp_path / "artifact").exists()
+
+
+def test_group_size_that_does_not_divide_fails_with_reason(tiny_llm, tmp_path):
+    recipe = {"stages": [{"algorithm": "rtn", "weights": {"bits": 4, "granularity": "group", "group_size": 48}}]}
+    request = JobRequest(model=str(tiny_llm), recipe=recipe, evaluation={"enabled": False})
+    with pytest.raises(ValueError, match="group_size 48 does not divide the input dimension 64"):
+        run_job(request, tmp_path)
+
+
+def test_request_validation():
+    with pytest.raises(ValueError, match="unknown preset"):
+        JobRequest(model="bundled:smollm2-135m", recipe="w5-magic")
+    with pytest.raises(ValueError, match="perplexity_tokens"):
+        JobRequest(model="bundled:smollm2-135m", recipe="w8a16-rtn", evaluation={"perplexity_tokens": 10})
+
+
+@pytest.mark.slow
+def test_encoder_job_reports_embedding_cosine(tmp_path):
+    request = JobRequest(model="bundled:minilm-l6", recipe="w8a16-rtn", evaluation={"embedding_paragraphs": 32})
+    report = run_job(request, tmp_path)
+    cosine = report["metrics"]["quantized"]["embedding_cosine"]
+    assert 0.99 < cosine < 1.0  # int8 per-channel weights barely move a sentence embedding
+    assert report["model"]["kind"] == "encoder" and len(report["layers"]) == 37  # 6 layers x 6 linears + pooler
+    loaded = load_quantized(tmp_path / "artifact")
+    assert loaded.kind == "encoder"
