@@ -83,11 +83,11 @@ class Observer(ABC):
 
 
 # The subclasses import `Observer` from this package, so they are imported after it is defined.
-from quantcore.observers.histogram import HistogramObserver  # noqa: E402
-from quantcore.observers.minmax import MinMaxObserver  # noqa: E402
-from quantcore.observers.moving_average import MovingAverageMinMaxObserver  # noqa: E402
-from quantcore.observers.mse import MSEObserver  # noqa: E402
-from quantcore.observers.percentile import PercentileObserver  # noqa: E402
+from quantcore.observers.histogram import HistogramObserver
+from quantcore.observers.minmax import MinMaxObserver
+from quantcore.observers.moving_average import MovingAverageMinMaxObserver
+from quantcore.observers.mse import MSEObserver
+from quantcore.observers.percentile import PercentileObserver
 
 OBSERVERS: dict[str, type[Observer]] = {
     "minmax": MinMaxObserver,

@@ -22,13 +22,16 @@ two cells), for 1/10 to 1/70 of the cost. fp8 grids are not uniform: in the bina
 [S·2^e, S·2^(e+1)) the step is S·2^e·eps (S·tiny·eps among the subnormals), and the inside
 term sums step²/12 over binades (within 0.3 % of the true optimum's error in our tests).
 
-Search. Symmetric grids have one free parameter, the clip c ∈ (0, max|x|]: 128 ratios, then
-65 finer ones over ±1 step around the best (resolution max|x|/4064, below a bin of 2048).
-Asymmetric grids have two, a = α·min and b = β·max. PyTorch searches them greedily
-(shrinking whichever end costs less); a greedy walk can stop in the first local minimum that
-the wiggles of Z's rounding create, so we search a 24×24 grid of (α, β), then twice a 17×17
-grid over ±1 step of the previous one around its best (resolution 1/1472 of the range, about
-1.4 bins of 2048): 1154 candidates instead of the 4 million pairs of bin edges.
+Search. Symmetric grids have one free parameter, the clip c ∈ (0, max|x|]: 32 ratios, then
+twice 17 over ±1 step of the previous grid around its best (66 candidates, resolution
+max|x|/1984, about a bin of 2048). Asymmetric grids have two, a = α·min and b = β·max.
+PyTorch searches them greedily (shrinking whichever end costs less); a greedy walk can stop
+in the first local minimum that the wiggles of Z's rounding create, so we search a 16×16
+grid of (α, β), then three times an 11×11 grid over ±1 step of the previous one around its
+best (619 candidates, resolution 1/1875 of the range), not the 4 million pairs of bin edges.
+Against a brute force of the real fake_quant error over thousands of ranges, the choice is
+within 0.1 % of the best error up to 5 bits, and within the sample's own noise at 8
+(tests/quantcore/observers/test_histogram.py).
 
 Re-binning. The first update spans its own range (widened to contain 0, as the grid always
 does); when a later update falls outside, the range grows to k·(old width) per bin with k
@@ -55,8 +58,8 @@ _CHUNK = 1 << 20
 # Up to this many grid points the rounding error is integrated cell by cell (see above).
 _EXACT_CELLS = 32
 # (points per axis, refinement points per side, refinement rounds) of the search.
-_SYMMETRIC_SEARCH = (128, 32, 1)
-_ASYMMETRIC_SEARCH = (24, 8, 2)
+_SYMMETRIC_SEARCH = (32, 8, 2)
+_ASYMMETRIC_SEARCH = (16, 5, 3)
 
 
 class HistogramObserver(Observer):
@@ -144,22 +147,27 @@ class HistogramObserver(Observer):
             points = cells + 3 if cells <= _EXACT_CELLS else 4
         return candidates * points
 
-    def _search(self, d: "_Density", sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search(self, d: _Density, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.min_val is not None and self.max_val is not None
         x_lo, x_hi = self.min_val[sl].clamp(max=0), self.max_val[sl].clamp(min=0)
         if self.scheme.symmetric:
-            amax = torch.maximum(-x_lo, x_hi)[:, None]
-            n = _SYMMETRIC_SEARCH[0]
-            (r,) = _grid_search(lambda r: self._expected_mse(d, -r * amax, r * amax), x_lo, 1, 1 / n, *_SYMMETRIC_SEARCH)
-            c = r * amax[:, 0]
+            amax = torch.maximum(-x_lo, x_hi)
+
+            def clip_at(r: torch.Tensor) -> torch.Tensor:  # r: (G, C) ratios of amax
+                return self._expected_mse(d, -r * amax[:, None], r * amax[:, None])
+
+            (r,) = _grid_search(clip_at, x_lo, 1, 1 / _SYMMETRIC_SEARCH[0], *_SYMMETRIC_SEARCH)
+            c = r * amax
             # report the data's range clipped at ±c: the same amax, so the same S
             return torch.maximum(x_lo, -c), torch.minimum(x_hi, c)
-        p, q = _grid_search(
-            lambda p, q: self._expected_mse(d, p * x_lo[:, None], q * x_hi[:, None]), x_lo, 2, 0.0, *_ASYMMETRIC_SEARCH
-        )
+
+        def range_at(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # ratios of min and of max
+            return self._expected_mse(d, p * x_lo[:, None], q * x_hi[:, None])
+
+        p, q = _grid_search(range_at, x_lo, 2, 0.0, *_ASYMMETRIC_SEARCH)
         return p * x_lo, q * x_hi
 
-    def _expected_mse(self, d: "_Density", a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _expected_mse(self, d: _Density, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """E(a, b) for (G, C) candidate ranges, on the grid that qparams_from_range builds for them."""
         scheme = self.scheme
         qp = qparams_from_range(a, b, scheme)
@@ -170,7 +178,8 @@ class HistogramObserver(Observer):
         if scheme.is_fp8:
             lows, steps = (t.to(S.device) for t in _fp8_binades(scheme))
             lo_e, hi_e = S_ * lows[:-1], S_ * lows[1:]  # binade i is [S·lows[i], S·lows[i+1]) each side
-            inside = d.mass(lo_e.clamp(max=B_), hi_e.clamp(max=B_)) + d.mass((-hi_e).clamp(min=A_), (-lo_e).clamp(min=A_))
+            inside = d.mass(lo_e.clamp(max=B_), hi_e.clamp(max=B_))  # positive side
+            inside = inside + d.mass((-hi_e).clamp(min=A_), (-lo_e).clamp(min=A_))  # negative side
             return clip + (inside * (S_ * steps) ** 2).sum(-1) / 12
         cells = int(scheme.qmax - scheme.qmin) + 1
         if cells > _EXACT_CELLS:
@@ -237,6 +246,7 @@ def _grid_search(err, like: torch.Tensor, dims: int, start: float, n: int, m: in
     G, dev = like.shape[0], like.device
     step = (1 - start) / (n - 1)
     cand = _mesh(torch.linspace(start, 1, n, dtype=torch.float64, device=dev), dims).expand(G, -1, -1)
+    best = cand[:, 0]
     for r in range(rounds + 1):
         if r > 0:
             step /= m

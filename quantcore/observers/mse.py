@@ -1,17 +1,18 @@
 """MSE observer: shrink the min-max range by the ratio of least actual squared error.
 
 The search of GPTQ's quantizer (Frantar et al., "GPTQ: Accurate Post-Training Quantization
-for Generative Pre-trained Transformers", ICLR 2023, `Quantizer.find_params` with `mse=True`;
-the same as llm-compressor's MSE observer): for ratios p = 1, 1 − 1/grid, …, down to
-1 − maxshrink, quantize with the range [p·min, p·max], measure ||x − fake_quant(x)||² per
-quantization group, and keep each group's best p. Unlike the histogram observer nothing is
-modelled: the error is measured with the real `fake_quant`, rounding of S and Z included.
+for Generative Pre-trained Transformers", ICLR 2023, `Quantizer.find_params` with `mse=True`,
+grid=100, maxshrink=0.8; llm-compressor's MSE observer is the same search): for ratios
+p = 1, 1 − 1/grid, …, down to 1 − maxshrink, quantize with the range [p·min, p·max], measure
+the error per quantization group, and keep each group's best p. GPTQ measures Σ|x − x̂|^2.4;
+we measure Σ (x − x̂)², the error this observer is named after and the one the histogram
+observer estimates. Nothing is modelled: x̂ is the real `fake_quant`, rounding of S and Z included.
 
-It needs the data. A weight is observed once and kept whole (up to `max_samples` values,
-256 MiB of float32 by default, more than any single linear layer of an 8B model); for
-activations streamed over many updates the error is measured on a uniform sample of
-everything seen (`GroupReservoir`), an unbiased estimate of the error over all of it. The
-ratios scale the exact running min and max, not the sample's.
+It needs the data. A weight is observed once and kept whole up to `max_samples` values
+(2^26, 256 MiB of float32 by default: more than an 8B model's largest MLP projection,
+14336 × 4096); for activations streamed over many updates, and beyond that size, the error
+is measured on a uniform sample of everything seen (`GroupReservoir`), an unbiased estimate
+of the error over all of it. The ratios scale the exact running min and max, not the sample's.
 """
 
 from __future__ import annotations

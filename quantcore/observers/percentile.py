@@ -2,17 +2,18 @@
 
 Clipping a tiny tail of extreme values buys a smaller S for all the others; percentile
 calibration (Wu et al., "Integer Quantization for Deep Learning Inference: Principles and
-Empirical Evaluation", NVIDIA 2020, §4.1: 99.9 … 99.999) is the simplest way to choose how
-much. a = P_{100−p}(x), b = P_p(x) per quantization group, with numpy's default ("linear")
-interpolation between order statistics.
+Empirical Evaluation", NVIDIA 2020, which compares 99.9 … 99.9999 with max and entropy
+calibration) is the simplest way to choose how much. a = P_{100−p}(x), b = P_p(x) per
+quantization group, with numpy's default ("linear") interpolation between order statistics.
 
 Memory: percentiles need the values, so they are kept in a `GroupReservoir` of at most
 `max_samples` values in all (split evenly over the groups). Until a group has seen more than
 its share, the percentiles are exact over *all* updates (pooled, not averaged per batch);
-beyond it they are those of a uniform sample, whose error for the p-th percentile shrinks
-like sqrt(p (1 − p) / R). We chose pooling over averaging per-batch percentiles because an
-average depends on how the data was batched and lets one outlier batch drag the range by a
-1/n_batches share of its excess, while a pooled percentile is a property of the data alone.
+beyond it they are those of a uniform sample of R values per group, whose quantile level
+q = p/100 is off by about sqrt(q (1 − q) / R). We chose pooling over averaging per-batch
+percentiles because an average depends on how the data was batched and lets one outlier
+batch drag the range by a 1/n_batches share of its excess, while a pooled percentile is a
+property of the data alone.
 """
 
 from __future__ import annotations
