@@ -1,0 +1,42 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app import queue
+from app.core.db import schema_is_current
+from app.errors import Problem
+from app.schemas import Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    """The process is up (nothing else is checked: a restart would not fix a database outage)."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health)
+def readyz() -> Health:
+    """Ready to take jobs: the database answers at the current schema and the broker answers."""
+    checks = {"database": _check(_database), "broker": _check(queue.check_broker)}
+    failing = {name: result for name, result in checks.items() if result != "ok"}
+    if failing:
+        detail = "; ".join(f"{name}: {result}" for name, result in failing.items())
+        raise Problem(503, "not-ready", "Not ready", detail, checks=checks)
+    return Health(status="ok", checks=checks)
+
+
+def _database() -> None:
+    if not schema_is_current():
+        raise RuntimeError("the schema is not at the newest migration; run `qforge migrate`")
+
+
+def _check(probe) -> str:
+    try:
+        probe()
+    except Exception as exc:  # any failure means not ready; its message says which
+        return f"{type(exc).__name__}: {exc}"
+    return "ok"

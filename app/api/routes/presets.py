@@ -1,0 +1,15 @@
+"""/v1/recipes/presets: the named recipes a job may ask for by name."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.schemas import Preset
+from quantcore.recipe import list_presets
+
+router = APIRouter(prefix="/v1/recipes", tags=["recipes"])
+
+
+@router.get("/presets", response_model=list[Preset])
+def presets() -> list[Preset]:
+    return [Preset(**p) for p in list_presets()]

@@ -1,0 +1,128 @@
+"""Database engine, sessions and migrations.
+
+The API and the worker are separate processes writing the same database. On SQLite that
+means WAL (readers never block the writer) and a busy timeout (a writer waits for the other
+instead of failing with "database is locked").
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+import app
+from app.core.config import get_settings
+
+SQLITE_BUSY_TIMEOUT_S = 30
+# app/ is a package at the repository root (also with an editable install), migrations/ beside it.
+MIGRATIONS_DIR = Path(app.__file__).resolve().parent.parent / "migrations"
+
+# One engine per URL per process: an engine owns a connection pool.
+_engines: dict[str, tuple[Engine, sessionmaker[Session]]] = {}
+_lock = threading.Lock()
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+    cursor.execute("PRAGMA synchronous=NORMAL")  # durable enough with WAL, and far fewer fsyncs
+    cursor.close()
+
+
+def _create_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    # pre-ping: a pooled connection may have been closed by a database restart.
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _entry(url: str) -> tuple[Engine, sessionmaker[Session]]:
+    with _lock:
+        if url not in _engines:
+            engine = _create_engine(url)
+            # expire_on_commit=False: routes and tasks read a job after committing it.
+            _engines[url] = engine, sessionmaker(bind=engine, expire_on_commit=False)
+        return _engines[url]
+
+
+def engine_for(url: str) -> Engine:
+    return _entry(url)[0]
+
+
+def get_engine() -> Engine:
+    return engine_for(get_settings().database_url)
+
+
+def new_session() -> Session:
+    return _entry(get_settings().database_url)[1]()
+
+
+@contextmanager
+def session_scope() -> Iterator[Session]:
+    """A session that commits when the block succeeds and rolls back when it raises."""
+    session = new_session()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def dispose_engines(close: bool = True) -> None:
+    """Drop every pooled connection. A forked worker child calls this with close=False: the
+    parent's connections must be neither used nor closed by the child."""
+    with _lock:
+        for engine, _ in _engines.values():
+            engine.dispose(close=close)
+        _engines.clear()
+
+
+def _alembic_config(url: str):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # Passed as an attribute, not a main option: configparser would read '%' in a password.
+    config.attributes["database_url"] = url
+    return config
+
+
+def migrate(url: str | None = None) -> None:
+    """`alembic upgrade head` on the configured database (safe to run from several processes)."""
+    from alembic import command
+
+    command.upgrade(_alembic_config(url or get_settings().database_url), "head")
+
+
+@lru_cache
+def _migration_heads() -> frozenset[str]:
+    from alembic.script import ScriptDirectory
+
+    return frozenset(ScriptDirectory.from_config(_alembic_config("")).get_heads())
+
+
+def schema_is_current() -> bool:
+    """True when the database answers and is at the newest migration (readiness)."""
+    with get_engine().connect() as connection:
+        try:
+            current = set(connection.execute(text("SELECT version_num FROM alembic_version")).scalars())
+        except DBAPIError:  # no alembic_version table: never migrated
+            return False
+    return frozenset(current) == _migration_heads()

@@ -1,0 +1,93 @@
+"""Job rows as the API reads and writes them. The worker's transitions are in worker/state.py."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.models import TERMINAL, Job, JobStatus, utcnow
+from quantcore.job import JobRequest
+
+
+def get_job(session: Session, job_id: str) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def find_by_idempotency_key(session: Session, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.idempotency_key == key))
+
+
+def create_job(session: Session, request: JobRequest, idempotency_key: str | None) -> tuple[Job, bool]:
+    """Insert a queued job and commit; returns (job, created). With a key already used, the
+    existing job is returned instead (also when two submissions race to insert it)."""
+    if idempotency_key and (existing := find_by_idempotency_key(session, idempotency_key)):
+        return existing, False
+    job = Job(
+        status=JobStatus.QUEUED,
+        model=request.model,
+        recipe=request.recipe.model_dump(mode="json"),
+        request=request.model_dump(mode="json"),
+        idempotency_key=idempotency_key,
+        progress_current=0,
+        progress_total=0,
+        progress_percent=0.0,
+        progress_message="queued",
+        cancel_requested=False,
+        attempts=0,
+    )
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        existing = find_by_idempotency_key(session, idempotency_key) if idempotency_key else None
+        if existing is None:
+            raise
+        return existing, False
+    return job, True
+
+
+def list_jobs(session: Session, status: JobStatus | None, limit: int, offset: int) -> tuple[list[Job], int]:
+    """Newest first; also the number of jobs matching over all pages."""
+    query = select(Job)
+    if status is not None:
+        query = query.where(Job.status == status)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    jobs = session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset))
+    return list(jobs), total
+
+
+def request_cancel(session: Session, job_id: str) -> bool:
+    """Cancel a queued job at once, or flag a running one for its worker; returns False when
+    the job had already finished. Each is one conditional UPDATE, so a worker claiming the
+    job at the same moment cannot be missed."""
+    now = utcnow()
+    queued = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(
+            status=JobStatus.CANCELLED,
+            cancel_requested=True,
+            finished_at=now,
+            progress_message="cancelled before it started",
+        )
+    ).rowcount
+    changed = queued or session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+        .values(cancel_requested=True, progress_message="cancellation requested")
+    ).rowcount
+    session.commit()
+    return bool(changed)
+
+
+def fail_job(session: Session, job: Job, reason: str) -> None:
+    """Fail a job that never reached a worker (e.g. the broker refused its message)."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.not_in(TERMINAL))
+        .values(status=JobStatus.FAILED, error=reason, finished_at=utcnow())
+    )
+    session.commit()
+    session.refresh(job)

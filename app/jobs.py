@@ -1,0 +1,75 @@
+"""Submitting and cancelling jobs: the steps a route takes, in the order that keeps the
+database and the broker consistent."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.orm import Session
+
+from app import crud, queue
+from app.core.config import Settings
+from app.errors import Problem, validation_problem
+from app.models import Job, JobStatus
+from quantcore.job import JobRequest
+
+log = logging.getLogger(__name__)
+
+
+def check_model(request: JobRequest, settings: Settings) -> None:
+    """An unknown model is the client's error, found now rather than by a failed job."""
+    from quantcore.models import ModelNotFoundError, resolve_model_ref
+
+    try:
+        resolve_model_ref(request.model, allow_local_paths=settings.allow_local_model_paths)
+    except ModelNotFoundError as exc:
+        error = {"loc": ["body", "model"], "msg": str(exc), "type": "unknown_model"}
+        raise validation_problem([error], slug="unknown-model", title="Unknown model") from None
+    except ValueError as exc:
+        raise validation_problem([{"loc": ["body", "model"], "msg": str(exc), "type": "value_error"}]) from None
+
+
+def submit(session: Session, request: JobRequest, idempotency_key: str | None, settings: Settings) -> tuple[Job, bool]:
+    """Validate the model, store the job, then enqueue it; returns (job, created)."""
+    check_model(request, settings)
+    job, created = crud.create_job(session, request, idempotency_key)
+    if not created:
+        if job.request != request.model_dump(mode="json"):
+            raise Problem(
+                422,
+                "idempotency-key-reused",
+                "Idempotency key reused",
+                f"Idempotency-Key '{idempotency_key}' was used for a different request (job {job.id})",
+                job_id=job.id,
+            )
+        return job, False
+    # Only now, with the row committed: a worker must never receive an id it cannot find.
+    try:
+        queue.enqueue(job.id)
+    except Exception as exc:
+        reason = f"could not queue the job: {type(exc).__name__}: {exc}"
+        log.error("job %s: %s", job.id, reason)
+        crud.fail_job(session, job, reason)
+        raise Problem(503, "broker-unavailable", "Job queue unavailable", reason, job_id=job.id) from None
+    return job, True
+
+
+def cancel(session: Session, job: Job) -> Job:
+    if not crud.request_cancel(session, job.id):
+        session.refresh(job)
+        detail = f"job {job.id} is already {job.status.value}; nothing to cancel"
+        raise Problem(409, "job-finished", "Job already finished", detail)
+    session.refresh(job)
+    return job
+
+
+def require_status(job: Job, wanted: JobStatus, what: str) -> None:
+    if job.status != wanted:
+        raise Problem(
+            409,
+            "job-not-finished" if not job.status.terminal else "job-not-succeeded",
+            f"No {what} yet" if not job.status.terminal else f"No {what}",
+            f"job {job.id} is {job.status.value}; its {what} exists once it has succeeded"
+            + (f" (it failed: {job.error})" if job.status == JobStatus.FAILED and job.error else ""),
+            job_status=job.status.value,
+        )

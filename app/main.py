@@ -1,0 +1,26 @@
+"""The FastAPI application: `uvicorn app.main:app` (or `qforge serve`)."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+from fastapi import FastAPI
+
+from app import errors
+from app.api.routes import health, jobs, presets
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="qforge",
+        version=version("qforge"),
+        summary="Quantization as a service: submit a model and a recipe, get a quantized artifact and a report.",
+    )
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(presets.router)
+    return app
+
+
+app = create_app()

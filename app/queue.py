@@ -1,0 +1,30 @@
+"""Sending jobs to the workers through the Celery broker, and checking that it answers.
+
+The broker URL is read from the settings on every call rather than fixed when the Celery
+app is imported, so the API always talks to the broker it is configured for.
+"""
+
+from __future__ import annotations
+
+from app.core.config import get_settings
+from worker.celery_app import JOB_QUEUE, RUN_JOB_TASK, celery_app, transport_options
+
+
+def _connection():
+    url = get_settings().broker_url
+    return celery_app.connection_for_write(url, transport_options=transport_options(url))
+
+
+def enqueue(job_id: str) -> None:
+    """Publish the job's message; raises when the broker cannot take it (after a few retries)."""
+    with _connection() as connection:
+        celery_app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, connection=connection, retry=True)
+
+
+def check_broker() -> None:
+    """Raises when the broker is unreachable: declaring the job queue is a real round trip on
+    every transport (for the SQL transport it is a query; for Redis, a command)."""
+    with _connection() as connection:
+        connection.ensure_connection(max_retries=1)
+        channel = connection.default_channel
+        channel.queue_declare(queue=JOB_QUEUE, durable=True, auto_delete=False)

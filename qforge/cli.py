@@ -1,0 +1,98 @@
+"""The `qforge` command.
+
+    qforge serve      migrate, start a Celery worker beside the API, serve the API
+    qforge worker     only a worker (production: one per GPU machine)
+    qforge migrate    bring the database schema to the newest migration
+
+Options given here override the matching QFORGE_* environment variables; they are passed
+on through the environment, so the worker process started by `serve` sees them too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+WORKER_APP = "worker.celery_app"
+
+
+def worker_command(concurrency: int) -> list[str]:
+    """The Celery worker: real processes (prefork), as in production; never eager mode."""
+    return [
+        sys.executable, "-m", "celery", "-A", WORKER_APP, "worker",
+        "--pool=prefork", f"--concurrency={concurrency}", "--loglevel=INFO",
+    ]
+
+
+def _settings_from(args: argparse.Namespace):
+    from app.core.config import get_settings
+
+    for option in ("data_dir", "host", "port", "concurrency"):
+        value = getattr(args, option, None)
+        if value is not None:
+            name = "worker_concurrency" if option == "concurrency" else option
+            os.environ[f"QFORGE_{name.upper()}"] = str(value)
+    get_settings.cache_clear()
+    return get_settings()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from app.core.db import migrate
+
+    settings = _settings_from(args)
+    migrate()
+    print(f"database at the newest migration: {settings.database_url}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings_from(args)
+    command = worker_command(settings.worker_concurrency)
+    # exec: the worker becomes this process, so a container's stop signal reaches Celery itself.
+    os.execv(command[0], command)
+    return 0  # not reached
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from qforge.serve import serve
+
+    return serve(_settings_from(args), with_worker=not args.no_worker)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qforge", description="qforge: quantization as a service")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def data_dir_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--data-dir", help="root of the embedded database, broker and artifacts (QFORGE_DATA_DIR)")
+
+    serve = commands.add_parser("serve", help="run the API with a worker beside it")
+    serve.add_argument("--host", help="address to listen on (QFORGE_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (QFORGE_PORT, default 8000)")
+    data_dir_option(serve)
+    serve.add_argument("--no-worker", action="store_true", help="only the API; workers run elsewhere")
+    serve.set_defaults(func=cmd_serve)
+
+    worker = commands.add_parser("worker", help="run a Celery worker only")
+    worker.add_argument("--concurrency", type=int, help="jobs at once (QFORGE_WORKER_CONCURRENCY, default 1)")
+    data_dir_option(worker)
+    worker.set_defaults(func=cmd_worker)
+
+    migrate = commands.add_parser("migrate", help="upgrade the database schema")
+    data_dir_option(migrate)
+    migrate.set_defaults(func=cmd_migrate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin, every start
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""`qforge serve`: the API in the foreground and a real Celery worker as its child.
+
+The worker starts first, and the API only once the worker consumes jobs; if the worker
+dies, at start or later, serve stops with a non-zero exit. On SIGINT or SIGTERM the API
+shuts down, then the worker: warm first (it may finish its job), cold after a grace
+period (the interrupted job's message goes back to the queue and it runs again later).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from app.core.config import Settings
+from app.core.db import migrate
+
+log = logging.getLogger("qforge.serve")
+
+WORKER_START_TIMEOUT_S = 180
+WARM_STOP_GRACE_S = 10
+COLD_STOP_GRACE_S = 10
+
+
+class _Stop(Exception):
+    """SIGINT or SIGTERM arrived."""
+
+
+def _raise_stop(signum, _frame) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def serve(settings: Settings, with_worker: bool = True) -> int:
+    import uvicorn
+
+    signal.signal(signal.SIGINT, _raise_stop)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    migrate()
+    worker: subprocess.Popen | None = None
+    try:
+        if with_worker:
+            worker, ready = _spawn_worker(settings)
+            if not _wait_until_ready(worker, ready):
+                return 1
+        server = uvicorn.Server(
+            uvicorn.Config("app.main:app", host=settings.host, port=settings.port, timeout_graceful_shutdown=5)
+        )
+        died = threading.Event()
+        if worker is not None:
+            threading.Thread(target=_watch, args=(worker, server, died), daemon=True).start()
+        # uvicorn handles SIGINT/SIGTERM while it runs, then re-raises them: _raise_stop.
+        server.run()
+        return 1 if died.is_set() else 0
+    except _Stop as stop:
+        log.info("%s received, stopping", stop)
+        return 0
+    finally:
+        if worker is not None:
+            # The stop sequence is bounded (warm, then cold, then SIGKILL); a second Ctrl-C
+            # must not cut it short and leave the worker behind.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            _stop_worker(worker)
+
+
+def _spawn_worker(settings: Settings) -> tuple[subprocess.Popen, Path]:
+    from qforge.cli import worker_command
+    from worker.celery_app import READY_FILE_ENV
+
+    ready = settings.data_dir / f"worker-{os.getpid()}.ready"
+    ready.unlink(missing_ok=True)
+    command = worker_command(settings.worker_concurrency)
+    log.info("starting the worker: %s", " ".join(command[2:]))
+    worker = subprocess.Popen(
+        command,
+        env={**os.environ, READY_FILE_ENV: str(ready)},
+        # Its own session: a Ctrl-C in the terminal reaches serve alone, which then stops
+        # the worker in order instead of both racing to shut down.
+        start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+    )
+    return worker, ready
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: if serve is killed outright (SIGKILL), the kernel sends the
+    worker SIGTERM, so no worker is left behind consuming jobs."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _wait_until_ready(worker: subprocess.Popen, ready: Path) -> bool:
+    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+    while not ready.exists():
+        if worker.poll() is not None:
+            log.error("the worker exited with code %s while starting; see its log above", worker.returncode)
+            return False
+        if time.monotonic() > deadline:
+            log.error("the worker did not become ready within %d s", WORKER_START_TIMEOUT_S)
+            return False
+        time.sleep(0.2)
+    ready.unlink(missing_ok=True)
+    log.info("worker ready (pid %d)", worker.pid)
+    return True
+
+
+def _watch(worker: subprocess.Popen, server, died: threading.Event) -> None:
+    """Stop the API if the worker dies: queued jobs would otherwise wait forever."""
+    code = worker.wait()
+    if not server.should_exit:
+        log.error("the worker exited with code %s; stopping the API", code)
+        died.set()
+        server.should_exit = True
+
+
+def _stop_worker(worker: subprocess.Popen) -> None:
+    steps = ((signal.SIGTERM, WARM_STOP_GRACE_S), (signal.SIGQUIT, COLD_STOP_GRACE_S), (signal.SIGKILL, None))
+    for sig, grace in steps:
+        if worker.poll() is not None:
+            return
+        log.info("stopping the worker (%s)", sig.name)
+        worker.send_signal(sig)
+        try:
+            worker.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+    worker.wait()

@@ -1,0 +1,37 @@
+from sqlalchemy import text
+
+from app.core.config import get_settings
+from app.core.db import get_engine
+
+
+def test_healthz(client):
+    assert client.get("/healthz").json() == {"status": "ok", "checks": {}}
+
+
+def test_readyz_checks_database_and_broker(client):
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
+
+
+def test_readyz_is_503_when_the_schema_is_behind(client):
+    with get_engine().begin() as connection:
+        connection.execute(text("DELETE FROM alembic_version"))
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["type"] == "https://qforge.dev/problems/not-ready"
+    assert body["checks"]["broker"] == "ok"
+    assert "qforge migrate" in body["checks"]["database"]
+
+
+def test_readyz_is_503_when_the_broker_is_unreachable(client, monkeypatch):
+    # A Redis URL on a port nothing listens on (port 1 is never a Redis server).
+    monkeypatch.setenv("QFORGE_BROKER_URL", "redis://127.0.0.1:1/0")
+    get_settings.cache_clear()
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["checks"]["database"] == "ok"
+    assert body["checks"]["broker"] != "ok"

@@ -1,0 +1,67 @@
+"""API tests: a private data folder per test (SQLite database, SQLite broker, artifacts),
+a migrated schema, and a TestClient. No worker runs: jobs stay queued unless a test moves
+them on through the database."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select, update
+
+from app.core.config import get_settings
+from app.core.db import dispose_engines, migrate, session_scope
+from app.models import Job
+
+SERVICE_ENV = ("QFORGE_DATABASE_URL", "QFORGE_BROKER_URL", "QFORGE_ARTIFACT_DIR", "QFORGE_ALLOW_LOCAL_MODEL_PATHS")
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("QFORGE_DATA_DIR", str(tmp_path / "data"))
+    for name in SERVICE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    get_settings.cache_clear()
+    migrate()
+    yield get_settings()
+    dispose_engines()
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def client(settings):
+    from app.main import app
+
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def job_count(settings):
+    def count() -> int:
+        with session_scope() as session:
+            return session.scalar(select(func.count()).select_from(Job))
+
+    return count
+
+
+@pytest.fixture
+def set_job(settings):
+    """Move a job to any state directly, as a worker would."""
+
+    def apply(job_id: str, **values) -> None:
+        with session_scope() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+    return apply
+
+
+SMOLLM = "bundled:smollm2-135m"
+
+
+@pytest.fixture
+def submit(client):
+    def post(body: dict | None = None, **kwargs):
+        body = body if body is not None else {"model": SMOLLM, "recipe": "w4a16-rtn-g64"}
+        return client.post("/v1/jobs", json=body, **kwargs)
+
+    return post

@@ -1,0 +1,50 @@
+"""Worker tests: a private data folder per test and a migrated SQLite database. Tasks run
+in-process, with quantcore's `run_job` replaced where a test says so."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import update
+
+from app import crud
+from app.core.config import get_settings
+from app.core.db import dispose_engines, migrate, new_session, session_scope
+from app.models import Job
+from quantcore.job import JobRequest
+
+SERVICE_ENV = ("QFORGE_DATABASE_URL", "QFORGE_BROKER_URL", "QFORGE_ARTIFACT_DIR")
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("QFORGE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("QFORGE_JOB_HEARTBEAT_TIMEOUT", "30")
+    for name in SERVICE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    get_settings.cache_clear()
+    migrate()
+    yield get_settings()
+    dispose_engines()
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def new_job(settings):
+    def create(**values) -> str:
+        with new_session() as session:
+            job, _ = crud.create_job(session, JobRequest(model="bundled:smollm2-135m", recipe="w4a16-rtn-g64"), None)
+        if values:
+            with session_scope() as session:
+                session.execute(update(Job).where(Job.id == job.id).values(**values))
+        return job.id
+
+    return create
+
+
+@pytest.fixture
+def load_job(settings):
+    def load(job_id: str) -> Job:
+        with new_session() as session:
+            return session.get(Job, job_id)
+
+    return load

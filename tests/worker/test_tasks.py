@@ -1,0 +1,102 @@
+import hashlib
+import json
+import tarfile
+
+import pytest
+
+import quantcore.job
+from app.models import JobStatus
+from quantcore.job import STAGES
+from worker import tasks
+
+
+def fake_run_job(fail: Exception | None = None):
+    """Walks through every stage like quantcore, writes a small artifact folder."""
+
+    def run_job(request, output_dir, progress, allow_local_paths=True):
+        assert allow_local_paths is False  # the service never lets a request name worker files
+        output_dir.mkdir(parents=True)
+        for stage in STAGES:
+            for i in range(3):
+                progress(stage, i + 1, 3, f"{stage} {i + 1}/3")
+            if fail is not None and stage == "quantize":
+                raise fail
+        folder = output_dir / "artifact"
+        folder.mkdir()
+        report = {"metrics": {"quantized": {"perplexity": 12.5}}, "model": request.model}
+        (folder / "report.json").write_text(json.dumps(report))
+        return report
+
+    return run_job
+
+
+@pytest.fixture
+def run(monkeypatch, settings, new_job):
+    def start(fake, job_id: str | None = None) -> str:
+        monkeypatch.setattr(quantcore.job, "run_job", fake)
+        monkeypatch.setattr("worker.progress.MIN_WRITE_INTERVAL_S", 0.0)
+        job_id = job_id or new_job()
+        tasks.run_quantization_job.run(job_id)
+        return job_id
+
+    return start
+
+
+def test_a_job_runs_to_an_archived_artifact(run, load_job, settings):
+    job = load_job(run(fake_run_job()))
+    assert job.status == JobStatus.SUCCEEDED and job.attempts == 1 and job.error is None
+    assert job.report["metrics"]["quantized"]["perplexity"] == 12.5
+    archive = settings.artifact_dir / job.artifact_path
+    assert archive == settings.artifact_dir / f"{job.id}.tar"
+    assert job.artifact_sha256 == hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert job.artifact_bytes == archive.stat().st_size
+    with tarfile.open(archive) as tar:
+        assert "artifact/report.json" in tar.getnames()
+    assert job.progress_percent == 100.0 and job.finished_at >= job.started_at
+    assert not (settings.work_dir / job.id).exists()
+
+
+def test_a_failing_job_records_a_readable_reason_and_leaves_no_files(run, load_job, settings):
+    error = ValueError("group_size 7 does not divide the input dimension 576")
+    job = load_job(run(fake_run_job(fail=error)))
+    assert job.status == JobStatus.FAILED
+    assert job.error == "ValueError: group_size 7 does not divide the input dimension 576"
+    assert job.progress_stage == "quantize"
+    assert not (settings.artifact_dir / f"{job.id}.tar").exists()
+    assert not (settings.work_dir / job.id).exists()
+
+
+def test_a_cancel_request_stops_the_job_at_its_next_progress_call(run, new_job, load_job, settings):
+    from app.core.db import session_scope
+    from app.crud import request_cancel
+
+    job_id = new_job()
+
+    def cancelled_midway(request, output_dir, progress, allow_local_paths=False):
+        output_dir.mkdir(parents=True)
+        (output_dir / "partial.bin").write_bytes(b"x")
+        progress("load", 0, 1)
+        with session_scope() as session:
+            assert request_cancel(session, job_id)
+        progress("baseline", 0, 1)
+        raise AssertionError("progress should have raised JobCancelled")
+
+    job = load_job(run(cancelled_midway, job_id))
+    assert job.status == JobStatus.CANCELLED and job.cancel_requested
+    assert job.progress_stage == "baseline"
+    assert not (settings.work_dir / job.id).exists()
+
+
+def test_a_finished_job_is_not_run_again(run, load_job, monkeypatch):
+    job_id = run(fake_run_job())
+    monkeypatch.setattr(quantcore.job, "run_job", fake_run_job(fail=RuntimeError("must not run")))
+    tasks.run_quantization_job.run(job_id)
+    job = load_job(job_id)
+    assert job.status == JobStatus.SUCCEEDED and job.attempts == 1
+
+
+def test_failure_reason_is_type_and_message_without_traceback():
+    assert tasks.failure_reason(KeyError("lm_head")) == "KeyError: 'lm_head'"
+    assert tasks.failure_reason(MemoryError()) == "MemoryError"
+    assert len(tasks.failure_reason(ValueError("x" * 5000))) == 2000
+    assert "Traceback" not in tasks.failure_reason(RuntimeError("boom"))

@@ -1,0 +1,88 @@
+"""The Celery task: run one quantization job, and record its outcome in the database.
+
+All quantization is quantcore's (`run_job`); this module only moves the job through its
+states, keeps its files in order and turns exceptions into readable reasons.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from app.core.config import Settings, get_settings
+from worker import state
+from worker.celery_app import RUN_JOB_TASK, celery_app
+
+log = logging.getLogger(__name__)
+
+
+@celery_app.task(name=RUN_JOB_TASK, bind=True, max_retries=None)
+def run_quantization_job(self, job_id: str) -> None:
+    """Idempotent: a job that is finished, or held by a live run elsewhere, is not run again."""
+    settings = get_settings()
+    claim = state.claim(job_id, settings)
+    if claim.action is state.Action.WAIT:
+        # A redelivered message while the job's previous run may still be alive: look
+        # again once its heartbeat could have lapsed.
+        raise self.retry(countdown=settings.job_heartbeat_timeout)
+    if claim.action is state.Action.RUN:
+        execute(job_id, claim.attempt, claim.request or {}, settings)
+
+
+def execute(job_id: str, attempt: int, request_data: dict, settings: Settings) -> None:
+    work = settings.work_dir / job_id  # run_job's output_dir; the artifact folder goes inside
+    archive = settings.artifact_dir / f"{job_id}.tar"
+    _remove(work)  # what an earlier, lost attempt left behind
+    log.info("job %s: attempt %d starting", job_id, attempt)
+    try:
+        _run_and_record(job_id, attempt, request_data, settings, work, archive)
+    except state.LostClaim:
+        # Another run took the job over (this one missed its heartbeats): that run owns the
+        # outcome and these files now, so leave both alone.
+        log.warning("job %s: attempt %d was taken over by another run; stopping", job_id, attempt)
+        return
+    _remove(work)
+
+
+def _run_and_record(
+    job_id: str, attempt: int, request_data: dict, settings: Settings, work: Path, archive: Path
+) -> None:
+    from quantcore.export import archive_artifact
+    from quantcore.job import JobCancelled, JobRequest, run_job
+    from worker.progress import ProgressReporter
+
+    beat_s = min(10.0, settings.job_heartbeat_timeout / 4)
+    try:
+        request = JobRequest.model_validate(request_data)
+        with ProgressReporter(job_id, attempt, heartbeat_interval_s=beat_s) as progress:
+            report = run_job(request, work, progress, allow_local_paths=settings.allow_local_model_paths)
+            archived = archive_artifact(work / "artifact", archive)
+        state.succeed(job_id, attempt, report, archive.name, archived["sha256"], archived["bytes"])
+        log.info("job %s: succeeded; artifact %s, %d bytes", job_id, archive, archived["bytes"])
+    except state.LostClaim:
+        raise
+    except JobCancelled:
+        _remove(archive)
+        state.cancel(job_id, attempt)
+        log.info("job %s: cancelled", job_id)
+    except Exception as exc:
+        _remove(archive)
+        state.fail(job_id, attempt, failure_reason(exc))
+        log.warning("job %s: failed: %s", job_id, failure_reason(exc), exc_info=True)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What a user reads on a failed job: the exception's type and message, no traceback."""
+    message = str(exc).strip()
+    reason = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return reason if len(reason) <= 2000 else reason[:1999] + "…"
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or folder; also the `.partial` file an interrupted archive leaves."""
+    for target in (path, path.with_name(path.name + ".partial")):
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
