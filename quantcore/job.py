@@ -99,14 +99,21 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown cpu"
 
 
-def run_job(request: JobRequest, output_dir: Path, progress: ProgressFn | Callable[..., None] | None = None) -> dict:
-    """Run `request` and write the artifact folder to `output_dir / "artifact"`; return the report."""
+def run_job(
+    request: JobRequest,
+    output_dir: Path,
+    progress: ProgressFn | Callable[..., None] | None = None,
+    allow_local_paths: bool = True,
+) -> dict:
+    """Run `request` and write the artifact folder to `output_dir / "artifact"`; return the report.
+
+    A service passes `allow_local_paths=False` so a request cannot name files on the worker."""
     from quantcore.pipeline import execute
 
     progress = progress or _noop_progress
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    report = execute(request, output_dir, progress)
+    report = execute(request, output_dir, progress, allow_local_paths)
     report["timings"]["total_s"] = round(time.time() - started, 3)
     return report

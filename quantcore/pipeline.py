@@ -51,14 +51,14 @@ class _Clock:
         return result
 
 
-def execute(request: JobRequest, output_dir: Path, progress) -> dict:
+def execute(request: JobRequest, output_dir: Path, progress, allow_local_paths: bool = True) -> dict:
     from quantcore.models import load_model
 
     seed_everything(request.seed)
     clock = _Clock()
 
     progress("load", 0, 1, request.model)
-    loaded = clock.run("load", load_model, request.model)
+    loaded = clock.run("load", load_model, request.model, allow_local_paths=allow_local_paths)
     model, tokenizer, kind = loaded.model, loaded.tokenizer, loaded.kind
     progress("load", 1, 1, f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters")
     float_bytes = {dt_: sum(p.numel() for p in model.parameters()) * size for dt_, size in (("float32", 4), ("float16", 2))}
@@ -125,6 +125,7 @@ def _apply_recipe(model, request: JobRequest, progress) -> list[LayerResult]:
     for index, stage in enumerate(request.recipe.stages):
         algorithm = registry.get(stage.algorithm)
         label = f"stage {index + 1}/{len(request.recipe.stages)} {stage.algorithm}"
+        progress("quantize", 0, 1, f"{label}: starting")  # the stage is visible before its first layer
         context = StageContext(progress=lambda c, t, m="": progress("quantize", c, t, f"{label}: {m}"), seed=request.seed)
         stage_results = algorithm.apply(model, stage, context)
         if not stage_results:

@@ -117,6 +117,9 @@ class HistogramObserver(Observer):
         above = torch.ceil((x_hi - top).clamp(min=0) / w)  # … and above
         k = torch.ceil((below + nb + above) / nb)  # new bin = k old bins (k = 1: unchanged)
         dest = (below[:, None] + torch.arange(nb, device=w.device)) // k[:, None]
+        # Exactly, dest < nb; when the new range dwarfs the old one beyond float64's 53 bits
+        # (e.g. old values ~1e-38, new ~1), `below + i` rounds and dest can reach nb.
+        dest = dest.clamp(max=nb - 1)
         self.counts = torch.zeros_like(self.counts).scatter_add_(1, dest.long(), self.counts)
         self.lo, self.width = self.lo - below * w, k * w
 
