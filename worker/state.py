@@ -160,6 +160,8 @@ def succeed(job_id: str, attempt: int, report: dict, artifact_path: str, sha256:
     _finish(
         job_id, attempt, JobStatus.SUCCEEDED, report=report, artifact_path=artifact_path, artifact_sha256=sha256,
         artifact_bytes=size, progress_percent=100.0, progress_message="done",
+        # the last progress call may have been throttled away: a finished job shows N of N
+        progress_current=Job.progress_total,
     )
 
 

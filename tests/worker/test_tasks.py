@@ -100,3 +100,15 @@ def test_failure_reason_is_type_and_message_without_traceback():
     assert tasks.failure_reason(MemoryError()) == "MemoryError"
     assert len(tasks.failure_reason(ValueError("x" * 5000))) == 2000
     assert "Traceback" not in tasks.failure_reason(RuntimeError("boom"))
+
+
+def test_a_finished_job_shows_all_steps_done_even_when_progress_was_throttled(run, load_job, monkeypatch):
+    fake = fake_run_job()
+
+    def throttled(*args, **kwargs):
+        monkeypatch.setattr("worker.progress.MIN_WRITE_INTERVAL_S", 3600.0)  # only stage changes get written
+        return fake(*args, **kwargs)
+
+    job = load_job(run(throttled))
+    assert job.status == JobStatus.SUCCEEDED
+    assert (job.progress_stage, job.progress_current, job.progress_total) == ("export", 3, 3)
