@@ -11,7 +11,6 @@ figures beside ours.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 import tempfile
 import time
@@ -21,7 +20,10 @@ import torch
 
 from quantcore.eval import evaluate_perplexity
 from quantcore.export import load_quantized
-from quantcore.job import EvaluationSpec, JobRequest, environment, run_job
+from quantcore.job import EvaluationSpec, JobRequest, run_job
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import run_header, write_section  # noqa: E402
 
 SEED = 0
 
@@ -41,11 +43,7 @@ def main() -> int:
     parser.add_argument("--results", type=Path, help="also write the table into this markdown file's RTN section")
     args = parser.parse_args()
     torch.manual_seed(SEED)
-    env = environment()
-    header = [
-        f"date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, seed: {SEED}, evaluation tokens: {args.tokens}",
-        "versions: " + ", ".join(f"{k} {v}" for k, v in env.items()),
-    ]
+    header = run_header(SEED, evaluation_tokens=args.tokens)
     print("\n".join(header), flush=True)
 
     spec = EvaluationSpec(perplexity_tokens=args.tokens)
@@ -88,19 +86,6 @@ def main() -> int:
     if args.results:
         write_section(args.results, "RTN on SmolLM2-135M", header, table, " ".join(["python"] + sys.argv))
     return 0
-
-
-def write_section(path: Path, title: str, header: list[str], table: str, command: str) -> None:
-    """Replace (or append) the section `## title` of a markdown results file."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    body = f"## {title}\n\ncommand: `{command}`\n\n" + "\n".join(f"{h}  " for h in header) + "\n\n" + table + "\n"
-    start = text.find(f"## {title}\n")
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + body + (text[end + 1 :] if end != -1 else "")
-    path.write_text(text)
 
 
 if __name__ == "__main__":

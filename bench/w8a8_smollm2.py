@@ -8,7 +8,6 @@ in perplexity and in time per linear layer, in one run.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 import time
 from pathlib import Path
@@ -18,13 +17,13 @@ from torch import nn
 
 from quantcore import quantize
 from quantcore.eval import evaluate_perplexity
-from quantcore.job import EvaluationSpec, environment
+from quantcore.job import EvaluationSpec
 from quantcore.models import load_model
 from quantcore.modules import QuantizedLinear, enable_fast_path
 from quantcore.schemes import QuantScheme
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rtn_smollm2 import write_section  # noqa: E402
+from common import run_header, write_section  # noqa: E402
 
 SEED = 0
 
@@ -60,11 +59,7 @@ def main() -> int:
     parser.add_argument("--results", type=Path)
     args = parser.parse_args()
     torch.manual_seed(SEED)
-    env = environment()
-    header = [
-        f"date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, seed: {SEED}, evaluation tokens: {args.tokens}",
-        "versions: " + ", ".join(f"{k} {v}" for k, v in env.items()),
-    ]
+    header = run_header(SEED, evaluation_tokens=args.tokens)
     print("\n".join(header), flush=True)
     spec = EvaluationSpec(perplexity_tokens=args.tokens)
     loaded = load_model("bundled:smollm2-135m")

@@ -14,3 +14,30 @@ def _private_qforge_cache(tmp_path_factory):
     if "QFORGE_TEST_KEEP_CACHE" not in os.environ:
         os.environ.setdefault("QFORGE_CACHE_DIR", str(tmp_path_factory.mktemp("qforge-cache")))
     yield
+
+
+SERVICE_ENV = ("QFORGE_DATABASE_URL", "QFORGE_BROKER_URL", "QFORGE_ARTIFACT_DIR", "QFORGE_ALLOW_LOCAL_MODEL_PATHS")
+
+
+@pytest.fixture
+def service_env() -> dict[str, str]:
+    """Extra QFORGE_* settings for the `settings` fixture; a test folder may override it."""
+    return {}
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch, service_env):
+    """Service settings on a private data folder (SQLite database and broker), migrated."""
+    from app.core.config import get_settings
+    from app.core.db import dispose_engines, migrate
+
+    monkeypatch.setenv("QFORGE_DATA_DIR", str(tmp_path / "data"))
+    for name in SERVICE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in service_env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    migrate()
+    yield get_settings()
+    dispose_engines()
+    get_settings.cache_clear()

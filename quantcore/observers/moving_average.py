@@ -14,22 +14,18 @@ from __future__ import annotations
 
 import torch
 
-from quantcore.observers import Observer
+from quantcore.observers.minmax import MinMaxObserver
 from quantcore.schemes import QuantScheme
 
 
-class MovingAverageMinMaxObserver(Observer):
+class MovingAverageMinMaxObserver(MinMaxObserver):
+    """Min-max's state and range; only the update rule differs."""
+
     def __init__(self, scheme: QuantScheme, averaging_constant: float = 0.01) -> None:
         if not 0 < averaging_constant <= 1:
             raise ValueError(f"averaging_constant must be in (0, 1], got {averaging_constant}")
-        super().__init__(scheme)
         self.averaging_constant = averaging_constant
-        self.reset()
-
-    def reset(self) -> None:
-        self._stat_shape = None
-        self.min_val: torch.Tensor | None = None
-        self.max_val: torch.Tensor | None = None
+        super().__init__(scheme)
 
     def update(self, x: torch.Tensor) -> None:
         xg = self._groups(x)
@@ -40,8 +36,3 @@ class MovingAverageMinMaxObserver(Observer):
         c = self.averaging_constant
         self.min_val = self.min_val + c * (lo - self.min_val)
         self.max_val = self.max_val + c * (hi - self.max_val)
-
-    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self._require_data(self.min_val is not None)
-        assert self.min_val is not None and self.max_val is not None
-        return self._as_stat(self.min_val), self._as_stat(self.max_val)

@@ -8,24 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
-from app.core.config import get_settings
-from app.core.db import dispose_engines, migrate, session_scope
+from app.core.db import session_scope
 from app.models import Job
-
-SERVICE_ENV = ("QFORGE_DATABASE_URL", "QFORGE_BROKER_URL", "QFORGE_ARTIFACT_DIR", "QFORGE_ALLOW_LOCAL_MODEL_PATHS")
-
-
-@pytest.fixture
-def settings(tmp_path, monkeypatch):
-    monkeypatch.setenv("QFORGE_DATA_DIR", str(tmp_path / "data"))
-    for name in SERVICE_ENV:
-        monkeypatch.delenv(name, raising=False)
-    get_settings.cache_clear()
-    migrate()
-    yield get_settings()
-    dispose_engines()
-    get_settings.cache_clear()
-
 
 @pytest.fixture
 def client(settings):

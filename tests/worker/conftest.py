@@ -7,25 +7,13 @@ import pytest
 from sqlalchemy import update
 
 from app import crud
-from app.core.config import get_settings
-from app.core.db import dispose_engines, migrate, new_session, session_scope
+from app.core.db import new_session, session_scope
 from app.models import Job
 from quantcore.job import JobRequest
 
-SERVICE_ENV = ("QFORGE_DATABASE_URL", "QFORGE_BROKER_URL", "QFORGE_ARTIFACT_DIR")
-
-
 @pytest.fixture
-def settings(tmp_path, monkeypatch):
-    monkeypatch.setenv("QFORGE_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("QFORGE_JOB_HEARTBEAT_TIMEOUT", "30")
-    for name in SERVICE_ENV:
-        monkeypatch.delenv(name, raising=False)
-    get_settings.cache_clear()
-    migrate()
-    yield get_settings()
-    dispose_engines()
-    get_settings.cache_clear()
+def service_env() -> dict[str, str]:
+    return {"QFORGE_JOB_HEARTBEAT_TIMEOUT": "30"}  # lost-worker tests wait less
 
 
 @pytest.fixture
