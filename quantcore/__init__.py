@@ -18,13 +18,18 @@ from quantcore.schemes import Granularity, QuantScheme, QuantType
 __all__ = ["Granularity", "QuantScheme", "QuantType", "Recipe", "list_presets", "load_quantized", "preset", "quantize"]
 
 
-def quantize(model: nn.Module, recipe: Recipe | str | dict[str, Any], seed: int = 0) -> list[dict]:
-    """Apply every stage of `recipe` to `model` in place; returns the per-layer results."""
+def quantize(
+    model: nn.Module, recipe: Recipe | str | dict[str, Any], seed: int = 0, calibration: list | None = None
+) -> list[dict]:
+    """Apply every stage of `recipe` to `model` in place; returns the per-layer results.
+
+    `calibration`: model inputs (token-id tensors or keyword dicts) for algorithms that need
+    data, such as gptq."""
     from quantcore import registry
     from quantcore.algorithms.base import StageContext
 
     recipe = Recipe.parse(recipe)
     results = []
     for stage in recipe.stages:
-        results += registry.get(stage.algorithm).apply(model, stage, StageContext(seed=seed))
+        results += registry.get(stage.algorithm).apply(model, stage, StageContext(calibration=calibration, seed=seed))
     return [r.as_dict() for r in results]

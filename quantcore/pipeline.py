@@ -25,6 +25,7 @@ import torch
 from quantcore import registry
 from quantcore.algorithms.base import LayerResult, StageContext
 from quantcore.cache import cache_dir
+from quantcore.eval.data import calibration_windows
 from quantcore.eval import benchmark_paragraphs, embedding_cosine, evaluate_perplexity, sentence_embeddings
 from quantcore.export.artifact import WEIGHTS_FILE, quantized_layers, save_artifact, tensor_bytes, write_json, write_manifest
 from quantcore.job import JobRequest, environment
@@ -76,7 +77,7 @@ def execute(request: JobRequest, output_dir: Path, progress, allow_local_paths: 
             )
             baseline = {"embedding_cosine": 1.0, "paragraphs": len(texts)}
 
-    layers: list[LayerResult] = clock.run("quantize", _apply_recipe, model, request, progress)
+    layers: list[LayerResult] = clock.run("quantize", _apply_recipe, model, tokenizer, request, progress)
 
     quantized: dict[str, Any] = {}
     if evaluation.enabled:
@@ -120,13 +121,21 @@ def execute(request: JobRequest, output_dir: Path, progress, allow_local_paths: 
     return report
 
 
-def _apply_recipe(model, request: JobRequest, progress) -> list[LayerResult]:
+def _apply_recipe(model, tokenizer, request: JobRequest, progress) -> list[LayerResult]:
     results: list[LayerResult] = []
+    calibration = None
     for index, stage in enumerate(request.recipe.stages):
         algorithm = registry.get(stage.algorithm)
         label = f"stage {index + 1}/{len(request.recipe.stages)} {stage.algorithm}"
         progress("quantize", 0, 1, f"{label}: starting")  # the stage is visible before its first layer
-        context = StageContext(progress=lambda c, t, m="": progress("quantize", c, t, f"{label}: {m}"), seed=request.seed)
+        if algorithm.requires_calibration and calibration is None:
+            spec = request.calibration
+            calibration = calibration_windows(tokenizer, spec.num_samples, spec.seq_len)
+        context = StageContext(
+            progress=lambda c, t, m="": progress("quantize", c, t, f"{label}: {m}"),
+            calibration=calibration if algorithm.requires_calibration else None,
+            seed=request.seed,
+        )
         stage_results = algorithm.apply(model, stage, context)
         if not stage_results:
             raise RecipeApplicationError(

@@ -24,6 +24,7 @@ class Algorithm:
     options: type[BaseModel]
     apply: Callable  # apply(model, stage, context) -> list[LayerResult]
     requires_weights: bool = True
+    requires_calibration: bool = False  # the pipeline hands it calibration samples
     check_stage: Callable[["Stage"], None] | None = None  # raises ValueError naming the field
 
 
