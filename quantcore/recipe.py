@@ -137,6 +137,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "description": "int3 weights in groups of 64, symmetric",
         "stages": [{"algorithm": "rtn", "weights": _w(3, "group", 64)}],
     },
+    "w4a16-gptq-g64": {
+        "description": "GPTQ int4 weights in groups of 64, symmetric, calibrated on the benchmark split",
+        "stages": [{"algorithm": "gptq", "weights": _w(4, "group", 64)}],
+    },
+    "w3a16-gptq-g64": {
+        "description": "GPTQ int3 weights in groups of 64, symmetric",
+        "stages": [{"algorithm": "gptq", "weights": _w(3, "group", 64)}],
+    },
     "fp8-rtn": {
         "description": "fp8 e4m3 weights per output channel",
         "stages": [

@@ -1,0 +1,167 @@
+"""GPTQ: Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers" (ICLR 2023), the math only.
+
+For one linear layer with weight W (rows × columns) and calibration inputs X, GPTQ minimises
+‖XWᵀ − XQᵀ‖² column by column: quantize column i, then spread its error over the columns not
+yet quantized, weighted by the inverse Hessian H⁻¹ of the layer's squared error (H = 2XᵀX).
+
+    1. H = 2/n Σ x xᵀ over the calibration inputs                         (add_batch)
+    2. dead inputs (H_ii = 0): H_ii = 1 and W[:, i] = 0
+    3. act-order (optional): permute columns by decreasing H_ii
+    4. dampening: H += λI, λ = damp · mean(diag H)
+    5. U = upper Cholesky factor of H⁻¹ (the rows of H⁻¹ GPTQ needs, in closed form)
+    6. for each block of `block_size` columns, for each column i in it:
+           q_i = quantize(w_i);  e_i = (w_i − q_i) / U_ii
+           w_j −= e_i · U_ij for the later columns j of the block
+       then the lazy batch update of all columns after the block: W −= E · U[block, rest]
+    7. group-wise S/Z: computed from the updated weights when a group's first column comes up
+       (static_groups: from the original W for every group, before any update; act-order
+       always uses static groups so a group's S/Z never depends on the permuted order)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from quantcore.observers import make_observer
+from quantcore.qparams import QParams
+from quantcore.schemes import Granularity, QuantScheme
+
+
+@dataclass
+class GPTQResult:
+    Q: torch.Tensor  # dequantized weight, on the grid of `qparams`
+    qparams: QParams  # grouped-view shaped, as QuantizedLinear stores them
+    loss: float  # Σ (w − q)² / U_ii², GPTQ's own error estimate
+    perm: torch.Tensor | None
+
+
+class GPTQ:
+    def __init__(self, columns: int) -> None:
+        self.columns = columns
+        self.H = torch.zeros(columns, columns, dtype=torch.float32)
+        self.nsamples = 0
+
+    def add_batch(self, X: torch.Tensor) -> None:
+        """Fold more layer inputs (..., columns) into H = 2/n Σ x xᵀ (a running mean)."""
+        X = X.reshape(-1, self.columns).float()
+        n = X.shape[0]
+        self.H *= self.nsamples / (self.nsamples + n)
+        self.nsamples += n
+        X = X * math.sqrt(2 / self.nsamples)
+        self.H += X.T @ X
+
+    def quantize(
+        self,
+        W: torch.Tensor,
+        scheme: QuantScheme,
+        damp: float = 0.01,
+        block_size: int = 128,
+        act_order: bool = False,
+        static_groups: bool = False,
+        scale_dtype: torch.dtype = torch.float16,
+    ) -> GPTQResult:
+        W = W.detach().float().clone()
+        rows, columns = W.shape
+        H = self.H.clone()
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+
+        group = scheme.group_size if scheme.granularity == Granularity.GROUP else columns
+        if columns % group != 0:
+            raise ValueError(f"group_size {group} does not divide the input dimension {columns}")
+        # S/Z per group of original columns, shape (rows, groups); filled up front when static.
+        scale = torch.empty(rows, columns // group)
+        zero = torch.zeros(rows, columns // group)
+        fixed = static_groups or act_order or scheme.granularity != Granularity.GROUP
+
+        def set_group(g: int, weights: torch.Tensor) -> None:
+            observer = make_observer(_per_row(scheme))
+            observer.update(weights)
+            qp = observer.qparams()
+            s = qp.scale.reshape(-1).to(scale_dtype).float()
+            scale[:, g] = s
+            if not scheme.symmetric:
+                lo = weights.amin(dim=1).clamp(max=0)
+                zero[:, g] = (scheme.qmin - torch.round(lo / s)).clamp(scheme.qmin, scheme.qmax)
+
+        if scheme.granularity == Granularity.TENSOR:
+            set_group(0, W.reshape(1, -1))
+            scale[:] = scale[0, 0]
+            zero[:] = zero[0, 0]
+        elif fixed:
+            for g in range(columns // group):
+                set_group(g, W[:, g * group : (g + 1) * group])
+
+        perm = None
+        if act_order:
+            perm = torch.argsort(torch.diag(H), descending=True)
+            W, H = W[:, perm], H[perm][:, perm]
+        original_column = perm if perm is not None else torch.arange(columns)
+
+        H += damp * torch.mean(torch.diag(H)) * torch.eye(columns)
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+        Q = torch.zeros_like(W)
+        losses = torch.zeros(rows)
+        for start in range(0, columns, block_size):
+            end = min(start + block_size, columns)
+            W1, U1 = W[:, start:end].clone(), U[start:end, start:end]
+            E1 = torch.zeros_like(W1)
+            for i in range(end - start):
+                column = int(original_column[start + i])
+                g = column // group
+                if not fixed and column % group == 0:
+                    set_group(g, _current_group(W, W1, E1, U, start, i, group))
+                w, d = W1[:, i], U1[i, i]
+                q = _fake_quant(w, scale[:, g], zero[:, g], scheme)
+                Q[:, start + i] = q
+                losses += (w - q) ** 2 / d**2 / 2
+                err = (w - q) / d
+                W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
+                E1[:, i] = err
+            W[:, end:] -= E1 @ U[start:end, end:]
+
+        if perm is not None:
+            Q = Q[:, torch.argsort(perm)]
+        if scheme.granularity == Granularity.TENSOR:
+            scale, zero = scale[:1, :1], zero[:1, :1]
+        shape = _grouped_shape(scheme, rows, columns)
+        qparams = QParams(scale=scale.reshape(shape), zero_point=zero.reshape(shape), scheme=scheme)
+        return GPTQResult(Q=Q, qparams=qparams, loss=float(losses.sum()), perm=perm)
+
+
+def _current_group(W, W1, E1, U, start: int, i: int, group: int) -> torch.Tensor:
+    """The up-to-date weights of the group starting at column start + i. Inside the block
+    they are in W1; columns past the block still owe the block's pending lazy update
+    (−E1 · U for the columns quantized so far), applied here so that the result does not
+    depend on block_size."""
+    inside = W1[:, i : i + group]
+    missing = group - inside.shape[1]
+    if missing <= 0:
+        return inside
+    end = start + W1.shape[1]
+    beyond = W[:, end : end + missing] - E1[:, :i] @ U[start : start + i, end : end + missing]
+    return torch.cat([inside, beyond], dim=1)
+
+
+def _per_row(scheme: QuantScheme) -> QuantScheme:
+    """The scheme's grid with one S/Z per row of whatever the observer is given."""
+    return scheme.model_copy(update={"granularity": Granularity.CHANNEL, "group_size": None})
+
+
+def _fake_quant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    q = (torch.round(w / s) + z).clamp(scheme.qmin, scheme.qmax)
+    return (q - z) * s
+
+
+def _grouped_shape(scheme: QuantScheme, rows: int, columns: int) -> tuple[int, ...]:
+    if scheme.granularity == Granularity.GROUP:
+        return (rows, columns // scheme.group_size, 1)
+    if scheme.granularity == Granularity.TENSOR:
+        return (1, 1)
+    return (rows, 1)
