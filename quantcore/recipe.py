@@ -138,12 +138,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "stages": [{"algorithm": "rtn", "weights": _w(3, "group", 64)}],
     },
     "w4a16-gptq-g64": {
-        "description": "GPTQ int4 weights in groups of 64, symmetric, calibrated on the benchmark split",
-        "stages": [{"algorithm": "gptq", "weights": _w(4, "group", 64)}],
+        "description": "GPTQ int4 weights in groups of 64, symmetric, act-order, calibrated on the benchmark split",
+        # SmolLM2, 4096 eval tokens: 14.57 with act-order (32 windows), 17.10 without (16 windows)
+        "stages": [{"algorithm": "gptq", "weights": _w(4, "group", 64), "options": {"act_order": True}}],
     },
     "w3a16-gptq-g64": {
-        "description": "GPTQ int3 weights in groups of 64, symmetric",
-        "stages": [{"algorithm": "gptq", "weights": _w(3, "group", 64)}],
+        "description": "GPTQ int3 weights in groups of 64, symmetric, act-order",
+        "stages": [{"algorithm": "gptq", "weights": _w(3, "group", 64), "options": {"act_order": True}}],
     },
     "fp8-rtn": {
         "description": "fp8 e4m3 weights per output channel",
