@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from quantcore.observers import make_observer
-from quantcore.qparams import QParams
+from quantcore.qparams import QParams, qparams_from_range
 from quantcore.schemes import Granularity, QuantScheme
 
 
@@ -78,16 +78,14 @@ class GPTQ:
         scale = torch.empty(rows, columns // group)
         zero = torch.zeros(rows, columns // group)
         fixed = static_groups or act_order or scheme.granularity != Granularity.GROUP
+        row_scheme = _per_row(scheme)
 
         def set_group(g: int, weights: torch.Tensor) -> None:
-            observer = make_observer(_per_row(scheme))
+            observer = make_observer(row_scheme)
             observer.update(weights)
-            qp = observer.qparams()
-            s = qp.scale.reshape(-1).to(scale_dtype).float()
-            scale[:, g] = s
-            if not scheme.symmetric:
-                lo = weights.amin(dim=1).clamp(max=0)
-                zero[:, g] = (scheme.qmin - torch.round(lo / s)).clamp(scheme.qmin, scheme.qmax)
+            qp = qparams_from_range(*observer.range(), row_scheme, scale_dtype)
+            scale[:, g] = qp.scale.reshape(-1)
+            zero[:, g] = qp.zero_point.reshape(-1)
 
         if scheme.granularity == Granularity.TENSOR:
             set_group(0, W.reshape(1, -1))
@@ -118,7 +116,9 @@ class GPTQ:
                 if not fixed and column % group == 0:
                     set_group(g, _current_group(W, W1, E1, U, start, i, group))
                 w, d = W1[:, i], U1[i, i]
-                q = _fake_quant(w, scale[:, g], zero[:, g], scheme)
+                # qparams.fake_quant written out for one column: this loop runs once per column
+                q = (torch.round(w / scale[:, g]) + zero[:, g]).clamp(scheme.qmin, scheme.qmax)
+                q = (q - zero[:, g]) * scale[:, g]
                 Q[:, start + i] = q
                 losses += (w - q) ** 2 / d**2 / 2
                 err = (w - q) / d
@@ -152,11 +152,6 @@ def _current_group(W, W1, E1, U, start: int, i: int, group: int) -> torch.Tensor
 def _per_row(scheme: QuantScheme) -> QuantScheme:
     """The scheme's grid with one S/Z per row of whatever the observer is given."""
     return scheme.model_copy(update={"granularity": Granularity.CHANNEL, "group_size": None})
-
-
-def _fake_quant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    q = (torch.round(w / s) + z).clamp(scheme.qmin, scheme.qmax)
-    return (q - z) * s
 
 
 def _grouped_shape(scheme: QuantScheme, rows: int, columns: int) -> tuple[int, ...]:
