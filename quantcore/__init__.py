@@ -19,17 +19,23 @@ __all__ = ["Granularity", "QuantScheme", "QuantType", "Recipe", "list_presets", 
 
 
 def quantize(
-    model: nn.Module, recipe: Recipe | str | dict[str, Any], seed: int = 0, calibration: list | None = None
+    model: nn.Module,
+    recipe: Recipe | str | dict[str, Any],
+    seed: int = 0,
+    calibration: list | None = None,
+    compute_dtype: str = "auto",
 ) -> list[dict]:
     """Apply every stage of `recipe` to `model` in place; returns the per-layer results.
 
     `calibration`: model inputs (token-id tensors or keyword dicts) for algorithms that need
-    data, such as gptq."""
+    data, such as gptq; `compute_dtype` is that of their calibration forwards."""
     from quantcore import registry
     from quantcore.algorithms.base import StageContext
 
     recipe = Recipe.parse(recipe)
     results = []
     for stage in recipe.stages:
-        results += registry.get(stage.algorithm).apply(model, stage, StageContext(calibration=calibration, seed=seed))
+        results += registry.get(stage.algorithm).apply(
+            model, stage, StageContext(calibration=calibration, seed=seed, compute_dtype=compute_dtype)
+        )
     return [r.as_dict() for r in results]

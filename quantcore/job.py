@@ -49,6 +49,9 @@ class CalibrationSpec(BaseModel):
     dataset: Literal["pydoc-topics"] = "pydoc-topics"
     num_samples: int = Field(128, ge=1, le=4096)
     seq_len: int = Field(512, ge=16, le=8192)
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="dtype of calibration forwards; auto: bfloat16 where this machine runs it faster"
+    )
 
 
 class JobRequest(BaseModel):
@@ -108,7 +111,7 @@ def run_job(
     """Run `request` and write the artifact folder to `output_dir / "artifact"`; return the report.
 
     A service passes `allow_local_paths=False` so a request cannot name files on the worker."""
-    from quantcore.pipeline import execute
+    from quantcore.job_pipeline import execute
 
     progress = progress or _noop_progress
     output_dir = Path(output_dir)

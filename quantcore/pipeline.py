@@ -1,206 +1,269 @@
-"""The job pipeline: load → baseline → quantize (recipe stages) → evaluate → export.
+"""The calibration pipeline: calibration data flows through the model one block at a time.
 
-Each step reports progress as (stage, current, total, message) and times itself; the
-report gathers metrics, sizes measured from the written artifact, per-layer error, the
-recipe as run and the library versions. The float baseline of a causal LM is cached per
-model and evaluation split, since it never changes and costs as much as the quantized
-evaluation.
+As GPTQ's sequential driver does, the inputs of the first block are captured once (the
+model runs up to it and stops), then for each block in turn:
+
+    1. the recipe stage observes the block on the cached inputs (`CalibrationBlock.forward`
+       with hooks on its layers) and quantizes it in place,
+    2. the cached inputs are replaced by the *quantized* block's outputs,
+
+so each block is calibrated on what the already-quantized model actually feeds it. Only one
+block's activations are held at a time; the rest of the model is never run, and its
+weights stay wherever the loader put them (memory-mapped safetensors are not paged in
+until their block comes up).
+
+Calibration forwards run on a throw-away copy of the block in the *compute dtype*:
+bfloat16 where this machine multiplies bf16 faster than fp32 (CPUs with AVX-512 BF16 or
+AMX, GPUs), float32 elsewhere, decided by a short measurement (`choose_compute_dtype`).
+Quantization itself (Hessians' Cholesky, weight updates, S/Z) always happens in float32
+on the model's own weights.
+
+Blocks are found by the usual container names: `model.layers` (llama-style decoders),
+`encoder.layer` (BERT), `transformer.h` (GPT-2 style), or the children of an nn.Sequential.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import json
-import os
-import random
-import shutil
+import copy
+import functools
+import logging
 import time
-from pathlib import Path
-from typing import Any
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
+from torch import nn
 
-from quantcore import registry
-from quantcore.algorithms.base import LayerResult, StageContext
-from quantcore.cache import cache_dir
-from quantcore.eval.data import calibration_windows
-from quantcore.eval import benchmark_paragraphs, embedding_cosine, evaluate_perplexity, sentence_embeddings
-from quantcore.export.artifact import WEIGHTS_FILE, quantized_layers, save_artifact, tensor_bytes, write_json, write_manifest
-from quantcore.job import JobRequest, environment
+from quantcore.memory import release_file_pages
 
+log = logging.getLogger(__name__)
 
-class RecipeApplicationError(ValueError):
-    """The recipe is valid but cannot be applied to this model (no layer matched, ...)."""
+BLOCK_CONTAINERS = ("model.layers", "encoder.layer", "bert.encoder.layer", "transformer.h", "layers")
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+class _ReachedFirstBlock(Exception):
+    """Stops the model's forward once the first block's inputs are captured."""
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
+@dataclass
+class BlockInputs:
+    """What each calibration sample feeds a block: the hidden states and the other arguments
+    (attention mask, position embeddings, ...), which are the same for every block."""
 
-    def run(self, name: str, fn, *args, **kwargs):
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        self.timings[f"{name}_s"] = round(time.perf_counter() - start, 3)
-        return result
+    hidden: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
 
-
-def execute(request: JobRequest, output_dir: Path, progress, allow_local_paths: bool = True) -> dict:
-    from quantcore.models import load_model
-
-    seed_everything(request.seed)
-    clock = _Clock()
-
-    progress("load", 0, 1, request.model)
-    loaded = clock.run("load", load_model, request.model, allow_local_paths=allow_local_paths)
-    model, tokenizer, kind = loaded.model, loaded.tokenizer, loaded.kind
-    progress("load", 1, 1, f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters")
-    float_bytes = {dt_: sum(p.numel() for p in model.parameters()) * size for dt_, size in (("float32", 4), ("float16", 2))}
-
-    evaluation = request.evaluation
-    baseline: dict[str, Any] = {}
-    reference_embeddings = None
-    if evaluation.enabled:
-        if kind == "causal_lm" and evaluation.baseline:
-            baseline = clock.run("baseline", _baseline_perplexity, loaded, evaluation, progress)
-        elif kind == "encoder":
-            texts = benchmark_paragraphs(evaluation)
-            reference_embeddings = clock.run(
-                "baseline", sentence_embeddings, model, tokenizer, texts, lambda c, t: progress("baseline", c, t, "float embeddings")
-            )
-            baseline = {"embedding_cosine": 1.0, "paragraphs": len(texts)}
-
-    layers: list[LayerResult] = clock.run("quantize", _apply_recipe, model, tokenizer, request, progress)
-
-    quantized: dict[str, Any] = {}
-    if evaluation.enabled:
-        if kind == "causal_lm":
-            ppl = clock.run(
-                "evaluate", evaluate_perplexity, model, tokenizer, evaluation, lambda c, t: progress("evaluate", c, t, "perplexity")
-            )
-            quantized = {"perplexity": ppl}
-        else:
-            texts = benchmark_paragraphs(evaluation)
-            embeddings = clock.run(
-                "evaluate", sentence_embeddings, model, tokenizer, texts, lambda c, t: progress("evaluate", c, t, "embeddings")
-            )
-            quantized = {"embedding_cosine": embedding_cosine(reference_embeddings, embeddings), "paragraphs": len(texts)}
-
-    progress("export", 0, 2, "writing artifact")
-    folder = output_dir / "artifact"
-    if folder.exists():
-        shutil.rmtree(folder)  # a retried job starts its export afresh
-    report = {
-        "format": "qforge-report/1",
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "model": {"ref": request.model, "name": loaded.ref.name, "kind": kind, "class": type(model).__name__},
-        "recipe": request.recipe.model_dump(mode="json"),
-        "request": request.model_dump(mode="json"),
-        "seed": request.seed,
-        "metrics": {"baseline": baseline, "quantized": quantized, "delta": _delta(baseline, quantized)},
-        # QuantizedLinear's reference path: the numbers describe the scheme, on any machine
-        "evaluation_path": "reference",
-        "layers": [layer.as_dict() for layer in layers],
-        "timings": clock.timings,
-        "versions": environment(),
-    }
-    start = time.perf_counter()
-    save_artifact(model, tokenizer, folder, kind, {"recipe.json": report["request"]})
-    report["sizes"] = _sizes(folder, model, float_bytes)
-    report["timings"]["export_s"] = round(time.perf_counter() - start, 3)
-    write_json(folder / "report.json", report)
-    write_manifest(folder)
-    progress("export", 2, 2, "artifact written")
-    return report
+    def __len__(self) -> int:
+        return len(self.hidden)
 
 
-def _apply_recipe(model, tokenizer, request: JobRequest, progress) -> list[LayerResult]:
-    results: list[LayerResult] = []
-    calibration = None
-    for index, stage in enumerate(request.recipe.stages):
-        algorithm = registry.get(stage.algorithm)
-        label = f"stage {index + 1}/{len(request.recipe.stages)} {stage.algorithm}"
-        progress("quantize", 0, 1, f"{label}: starting")  # the stage is visible before its first layer
-        if algorithm.requires_calibration and calibration is None:
-            spec = request.calibration
-            calibration = calibration_windows(tokenizer, spec.num_samples, spec.seq_len)
-        context = StageContext(
-            progress=lambda c, t, m="": progress("quantize", c, t, f"{label}: {m}"),
-            calibration=calibration if algorithm.requires_calibration else None,
-            seed=request.seed,
-        )
-        stage_results = algorithm.apply(model, stage, context)
-        if not stage_results:
-            raise RecipeApplicationError(
-                f"stages[{index}] ({stage.algorithm}) matched no module: targets {stage.targets}, ignore {stage.ignore}"
-            )
-        results.extend(stage_results)
-    return results
-
-
-def _baseline_perplexity(loaded, evaluation, progress) -> dict:
-    """Float perplexity, from the cache when this model and split were evaluated before."""
-    key_source = json.dumps(
-        {"ref": loaded.ref.ref, "path": str(loaded.ref.path), "mtime": _mtime(loaded.ref.path),
-         "eval": evaluation.model_dump(mode="json"), "torch": torch.__version__},
-        sort_keys=True,
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    for path in BLOCK_CONTAINERS:
+        try:
+            container = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(container, nn.ModuleList) and len(container):
+            return [(f"{path}.{i}", block) for i, block in enumerate(container)]
+    if isinstance(model, nn.Sequential):
+        return list(model.named_children())
+    raise ValueError(
+        f"cannot find the blocks of {type(model).__name__}: expected one of {', '.join(BLOCK_CONTAINERS)} "
+        "as an nn.ModuleList, or an nn.Sequential"
     )
-    path = cache_dir() / "baselines" / (hashlib.sha256(key_source.encode()).hexdigest()[:24] + ".json")
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        progress("baseline", 1, 1, "float perplexity (cached)")
-        return {**cached, "cached": True}
-    ppl = evaluate_perplexity(
-        loaded.model, loaded.tokenizer, evaluation, lambda c, t: progress("baseline", c, t, "float perplexity")
-    )
-    result = {"perplexity": ppl}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, path)
-    return {**result, "cached": False}
 
 
-def _mtime(path: Path) -> float:
+def _model_call(model: nn.Module, sample: Any) -> None:
+    if isinstance(sample, dict):
+        model(**sample)
+    elif hasattr(model, "config"):  # transformers: no KV cache while calibrating
+        model(sample, use_cache=False)
+    else:
+        model(sample)
+
+
+def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors (also inside tuples, e.g. rotary cos/sin) in `dtype`; the rest as is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    return value
+
+
+def _same_or(previous: Any, value: Any) -> Any:
+    """`previous` when it holds the same tensors as `value` (so only one copy is kept)."""
+    if isinstance(value, torch.Tensor) and isinstance(previous, torch.Tensor):
+        same = previous.shape == value.shape and previous.dtype == value.dtype and torch.equal(previous, value)
+        return previous if same else value
+    if isinstance(value, (tuple, list)) and isinstance(previous, type(value)) and len(previous) == len(value):
+        merged = [_same_or(p, v) for p, v in zip(previous, value)]
+        return previous if all(m is p for m, p in zip(merged, previous)) else type(value)(merged)
+    return value
+
+
+def capture_block_inputs(
+    model: nn.Module, first_block: nn.Module, samples: list[Any], dtype: torch.dtype | None = None
+) -> BlockInputs:
+    """Run each sample up to `first_block` and record what it receives (floats cast to `dtype`)."""
+    hidden, kwargs = [], []
+
+    def grab(module, args, kw):
+        h = args[0] if args else kw.pop("hidden_states")
+        extra = {} if len(args) <= 1 else {"_extra_args": args[1:]}
+        if dtype is not None:
+            h, kw, extra = _cast_floats(h, dtype), {k: _cast_floats(v, dtype) for k, v in kw.items()}, _cast_floats(extra, dtype)
+        hidden.append(h)
+        current = {**kw, **extra}
+        if kwargs:  # equal-length samples get the same masks and rotary tables: keep one copy
+            current = {k: _same_or(kwargs[-1].get(k), v) for k, v in current.items()}
+        kwargs.append(current)
+        raise _ReachedFirstBlock
+
+    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
+        with torch.no_grad():
+            for sample in samples:
+                try:
+                    _model_call(model, sample)
+                except _ReachedFirstBlock:
+                    pass
+    finally:
+        handle.remove()
+    return BlockInputs(hidden, kwargs)
 
 
-def _delta(baseline: dict, quantized: dict) -> dict:
-    out = {}
-    if "perplexity" in baseline and "perplexity" in quantized:
-        out["perplexity_increase_pct"] = round(100 * (quantized["perplexity"] / baseline["perplexity"] - 1), 4)
-    if "embedding_cosine" in quantized:
-        out["embedding_cosine_loss"] = round(1 - quantized["embedding_cosine"], 6)
-    return out
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    extra = kwargs.get("_extra_args", ())
+    rest = {k: v for k, v in kwargs.items() if k != "_extra_args"}
+    out = block(hidden, *extra, **rest)
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _sizes(folder: Path, model, float_bytes: dict[str, int]) -> dict:
-    """Parameter bytes as stored in the artifact, linear layers apart from the rest."""
-    stored = tensor_bytes(folder / WEIGHTS_FILE)
-    layers = quantized_layers(model)
-    prefixes = tuple(f"{name}." for name in layers)
-    linear_stored = sum(b for k, b in stored.items() if k.startswith(prefixes))
-    linear_fp16 = sum(m.in_features * m.out_features * 2 + (m.out_features * 2 if m.bias is not None else 0) for m in layers.values())
-    total = sum(stored.values())
-    return {
-        "float32_parameter_bytes": float_bytes["float32"],
-        "float16_parameter_bytes": float_bytes["float16"],
-        "artifact_parameter_bytes": total,
-        "compression_vs_float32": round(float_bytes["float32"] / total, 4),
-        "linear": {
-            "layers": len(layers),
-            "float16_bytes": linear_fp16,
-            "quantized_bytes": linear_stored,
-            "ratio_to_float16": round(linear_stored / linear_fp16, 4) if linear_fp16 else None,
-        },
-    }
+@contextmanager
+def observe_inputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Call `fn(name, x)` with the input of each named module whenever it runs."""
+    handles = [
+        module.register_forward_pre_hook(lambda m, args, name=name: fn(name, args[0].detach()))
+        for name, module in modules.items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def contains(block_name: str, module_name: str) -> bool:
+    """Is `module_name` the block itself or inside it? (The blocks of an nn.Sequential may be layers.)"""
+    return module_name == block_name or module_name.startswith(block_name + ".")
+
+
+def compute_copy(block: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of `block` that computes in `dtype`. Quantized modules provide their own
+    (`compute_module(dtype)`: the weight dequantized once, activation quantization kept);
+    everything else is copied and cast."""
+    if hasattr(block, "compute_module"):  # the blocks of an nn.Sequential may be single layers
+        return block.compute_module(dtype)
+    replacements: dict[str, nn.Module] = {}
+    for name, module in block.named_modules():
+        inside_replaced = any(name.startswith(done + ".") for done in replacements)
+        if name and hasattr(module, "compute_module") and not inside_replaced:
+            replacements[name] = module.compute_module(dtype)
+    # Deep-copy without the quantized modules (their replacements are already fresh).
+    memo = {id(block.get_submodule(name)): None for name in replacements}
+    work = copy.deepcopy(block, memo)
+    for name, module in replacements.items():
+        parent, _, child = name.rpartition(".")
+        setattr(work.get_submodule(parent) if parent else work, child, module)
+    return work.to(dtype)
+
+
+@dataclass
+class CalibrationBlock:
+    """One block as a stage sees it: `module` is the model's own block, which the stage
+    quantizes in place; `forward` runs the calibration inputs through a compute-dtype copy."""
+
+    name: str
+    module: nn.Module
+    inputs: BlockInputs
+    compute_dtype: torch.dtype
+
+    def layers(self, candidates: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        """The entries of `candidates` (full module names) that lie inside this block."""
+        return {name: m for name, m in candidates.items() if contains(self.name, name)}
+
+    def forward(self, observe: dict[str, Callable[[torch.Tensor], None]] | None = None) -> None:
+        """Run every calibration input through the block, calling `observe[name](x)` with the
+        input of the block's layer `name` (a full module name) each time that layer runs."""
+        work = compute_copy(self.module, self.compute_dtype)
+        hooks = {name: work.get_submodule(name[len(self.name) + 1 :]) for name in (observe or {})}
+        with torch.no_grad(), observe_inputs(hooks, lambda name, x: observe[name](x)):
+            for hidden, kwargs in zip(self.inputs.hidden, self.inputs.kwargs):
+                run_block(work, hidden, kwargs)
+
+    def advance(self) -> None:
+        """Replace each cached input by the block's output (as the block is now), one sample
+        at a time, so inputs and outputs are never all held at once."""
+        work = compute_copy(self.module, self.compute_dtype)
+        hidden = self.inputs.hidden
+        with torch.no_grad():
+            for i, kwargs in enumerate(self.inputs.kwargs):
+                hidden[i] = run_block(work, hidden[i], kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_is_faster() -> bool:
+    """Measure, once per process: is a bf16 matmul at calibration shapes faster than fp32 here?
+    (On CPUs without native bf16 it is several times slower.)"""
+    a, b = torch.randn(256, 576), torch.randn(576, 576)
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y
+        start = time.perf_counter()
+        for _ in range(4):
+            x @ y
+        timings[dtype] = time.perf_counter() - start
+    return timings[torch.bfloat16] < 0.8 * timings[torch.float32]
+
+
+def choose_compute_dtype(requested: str = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    if requested != "auto":
+        return getattr(torch, requested)
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if _bf16_is_faster() else torch.float32
+
+
+def run_blockwise(
+    model: nn.Module,
+    samples: list[Any],
+    quantize_block: Callable[[CalibrationBlock], None],
+    progress: Callable[[int, int, str], None] = lambda current, total, message="": None,
+    compute_dtype: torch.dtype | str = "auto",
+    release_replaced: bool = False,
+) -> None:
+    """Calibrate block by block: `quantize_block(block)` quantizes `block.module` in place
+    (it may call `block.forward` to observe it); the quantized block's outputs become the
+    next block's inputs. With `release_replaced`, the memory-mapped float weights that a
+    block's quantization replaced are dropped from memory (`quantcore.memory`), so the
+    process holds one block of float weights at a time, not the model's."""
+    if not samples:
+        raise ValueError("calibration needs at least one sample")
+    dtype = compute_dtype if isinstance(compute_dtype, torch.dtype) else choose_compute_dtype(compute_dtype)
+    blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0][1], samples, dtype)
+    log.info("calibrating %d blocks on %d samples in %s", len(blocks), len(samples), dtype)
+    progress(0, len(blocks), "captured the first block's inputs")
+    for index, (name, module) in enumerate(blocks):
+        block = CalibrationBlock(name, module, inputs, dtype)
+        before = list(module.parameters())
+        quantize_block(block)
+        block.advance()
+        if release_replaced:
+            kept = {id(p) for p in model.parameters()}
+            released = sum(release_file_pages(p.data) for p in before if id(p) not in kept)
+            log.debug("%s: released %d bytes of replaced float weights", name, released)
+        progress(index + 1, len(blocks), name)

@@ -107,6 +107,7 @@ def _w(bits: int, granularity: str = "channel", group_size: int | None = None, s
 
 
 _A8_TOKEN = {"type": "int", "bits": 8, "symmetric": True, "granularity": "token", "dynamic": True}
+_A4_G64 = {"type": "int", "bits": 4, "symmetric": True, "granularity": "group", "group_size": 64, "dynamic": True}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "w8a16-rtn": {
@@ -145,6 +146,29 @@ PRESETS: dict[str, dict[str, Any]] = {
     "w3a16-gptq-g64": {
         "description": "GPTQ int3 weights in groups of 64, symmetric, act-order",
         "stages": [{"algorithm": "gptq", "weights": _w(3, "group", 64), "options": {"act_order": True}}],
+    },
+    "w4a16-awq-g64": {
+        "description": "AWQ int4 weights in groups of 64: activation-aware scales folded into norms, clipping search",
+        "stages": [{"algorithm": "awq", "weights": _w(4, "group", 64)}],
+    },
+    "w4a16-best-g64": {
+        "description": "the best int4 group-64 recipe we measured: AWQ scales and clipping, then GPTQ with act-order",
+        "stages": [
+            {"algorithm": "awq", "weights": _w(4, "group", 64), "options": {"quantize": False}},
+            {"algorithm": "gptq", "weights": _w(4, "group", 64), "options": {"act_order": True}},
+        ],
+    },
+    "w8a8-smoothquant": {
+        "description": "SmoothQuant: outliers migrated into the weights (folded into norms), int8 per-channel weights, "
+        "int8 per-token dynamic activations",
+        "stages": [{"algorithm": "smoothquant", "weights": _w(8), "activations": _A8_TOKEN, "options": {"alpha": 0.5}}],
+    },
+    "w4a4-svdquant-r32": {
+        "description": "SVDQuant: smoothing, a rank-32 16-bit low-rank branch, int4 residual weights and int4 activations "
+        "(groups of 64)",
+        "stages": [
+            {"algorithm": "svdquant", "weights": _w(4, "group", 64), "activations": _A4_G64, "options": {"rank": 32}}
+        ],
     },
     "fp8-rtn": {
         "description": "fp8 e4m3 weights per output channel",

@@ -18,11 +18,13 @@ from quantcore.targets import set_module
 
 @dataclass
 class StageContext:
-    """What the pipeline hands an algorithm: progress reporting and (later) calibration data."""
+    """What the job hands an algorithm: progress reporting, calibration samples, the seed."""
 
     progress: Callable[[int, int, str], None] = lambda current, total, message="": None
     calibration: list[torch.Tensor] | None = None
     seed: int = 0
+    compute_dtype: str = "auto"  # of calibration forwards: "auto", "float32" or "bfloat16"
+    release_memory: bool = False  # drop replaced memory-mapped float weights (the job owns its model)
 
 
 @dataclass

@@ -21,7 +21,6 @@ yet quantized, weighted by the inverse Hessian H⁻¹ of the layer's squared err
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -40,19 +39,43 @@ class GPTQResult:
 
 
 class GPTQ:
+    """Accumulates one layer's Hessian from its calibration inputs, then quantizes its weight."""
+
+    flush_rows = 4096  # inputs are multiplied in batches of this many rows: XᵀX is faster tall
+
     def __init__(self, columns: int) -> None:
         self.columns = columns
-        self.H = torch.zeros(columns, columns, dtype=torch.float32)
+        self._xtx = torch.zeros(columns, columns, dtype=torch.float32)  # Σ x xᵀ
         self.nsamples = 0
+        self._pending: list[torch.Tensor] = []
+        self._pending_rows = 0
 
     def add_batch(self, X: torch.Tensor) -> None:
-        """Fold more layer inputs (..., columns) into H = 2/n Σ x xᵀ (a running mean)."""
-        X = X.reshape(-1, self.columns).float()
-        n = X.shape[0]
-        self.H *= self.nsamples / (self.nsamples + n)
-        self.nsamples += n
-        X = X * math.sqrt(2 / self.nsamples)
-        self.H += X.T @ X
+        """Fold more layer inputs (..., columns) into H = 2/n Σ x xᵀ."""
+        X = X.detach().reshape(-1, self.columns)
+        self._pending.append(X)
+        self._pending_rows += X.shape[0]
+        if self._pending_rows >= self.flush_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        X = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending, self._pending_rows = [], 0
+        self.nsamples += X.shape[0]
+        self._xtx += gram(X).float()
+
+    @property
+    def H(self) -> torch.Tensor:
+        self._flush()
+        return self._xtx * (2 / max(self.nsamples, 1))
+
+    @H.setter
+    def H(self, value: torch.Tensor) -> None:  # tests and callers with a Hessian of their own
+        self._pending, self._pending_rows = [], 0
+        self.nsamples = 2
+        self._xtx = value.float().clone()
 
     def quantize(
         self,
@@ -66,7 +89,7 @@ class GPTQ:
     ) -> GPTQResult:
         W = W.detach().float().clone()
         rows, columns = W.shape
-        H = self.H.clone()
+        H = self.H
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         W[:, dead] = 0
@@ -133,6 +156,20 @@ class GPTQ:
         shape = _grouped_shape(scheme, rows, columns)
         qparams = QParams(scale=scale.reshape(shape), zero_point=zero.reshape(shape), scheme=scheme)
         return GPTQResult(Q=Q, qparams=qparams, loss=float(losses.sum()), perm=perm)
+
+
+def gram(X: torch.Tensor) -> torch.Tensor:
+    """XᵀX, computing each off-diagonal block once: the Gram matrix is symmetric, so for wide
+    X the lower-left block is the transpose of the upper-right (about 5/8 of the multiplies
+    at two levels of splitting)."""
+    columns = X.shape[1]
+    if columns <= 512:
+        return X.T @ X
+    half = columns // 2
+    left, right = X[:, :half], X[:, half:]
+    top = torch.cat([gram(left), left.T @ right], dim=1)
+    bottom = torch.cat([top[:, half:].T, gram(right)], dim=1)
+    return torch.cat([top, bottom], dim=0)
 
 
 def _current_group(W, W1, E1, U, start: int, i: int, group: int) -> torch.Tensor:

@@ -30,8 +30,8 @@ def check_stage(stage: Stage) -> None:
         return
     if not act.dynamic:
         raise ValueError("activations: rtn quantizes activations per call; set dynamic: true (static needs calibration)")
-    if act.granularity not in (Granularity.TOKEN, Granularity.TENSOR):
-        raise ValueError(f"activations.granularity: '{act.granularity.value}' is not supported; use token or tensor")
+    if act.granularity == Granularity.CHANNEL:
+        raise ValueError("activations.granularity: 'channel' is not supported; use token, group (within each token) or tensor")
 
 
 def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerResult]:

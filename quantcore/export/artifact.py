@@ -29,6 +29,7 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 from torch import nn
 
+from quantcore.modules.low_rank import LowRankQuantizedLinear
 from quantcore.modules.quantized_linear import QuantizedLinear
 from quantcore.schemes import QuantScheme
 from quantcore.targets import set_module
@@ -56,7 +57,17 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's quantized layers: QuantizedLinear, and LowRankQuantizedLinear counted as one
+    layer (not also its residual)."""
+    layers: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantizedLinear, LowRankQuantizedLinear)) and not any(name.startswith(p + ".") for p in layers):
+            layers[name] = m
+    return layers
+
+
+def _quantized_linears(model: nn.Module) -> dict[str, QuantizedLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
@@ -77,11 +88,17 @@ def save_artifact(model: nn.Module, tokenizer: Any, folder: Path, kind: str, doc
             "activation_scheme": m.activation_scheme.model_dump(mode="json") if m.activation_scheme else None,
             "scale_dtype": _dtype_name(m.scale_dtype),
         }
-        for name, m in quantized_layers(model).items()
+        for name, m in _quantized_linears(model).items()
+    }
+    low_rank = {
+        name: {"rank": m.rank, "dtype": _dtype_name(m.lora_up.dtype)}
+        for name, m in model.named_modules()
+        if isinstance(m, LowRankQuantizedLinear)
     }
     write_json(
         folder / "quantization.json",
-        {"format": FORMAT, "format_version": FORMAT_VERSION, "model_class": type(model).__name__, "kind": kind, "layers": layers},
+        {"format": FORMAT, "format_version": FORMAT_VERSION, "model_class": type(model).__name__, "kind": kind,
+         "layers": layers, "low_rank": low_rank},
     )
     for name, document in documents.items():
         write_json(folder / name, document)
@@ -171,20 +188,12 @@ def load_quantized(path: str | Path, verify: bool = True) -> QuantizedModel:
     if quantization.get("format") != FORMAT or quantization.get("format_version", 0) > FORMAT_VERSION:
         raise ArtifactError(f"unsupported artifact format {quantization.get('format')} v{quantization.get('format_version')}")
     model = _model_skeleton(folder, quantization)
-    for name, spec in quantization["layers"].items():
-        act = spec["activation_scheme"]
-        set_module(
-            model,
-            name,
-            QuantizedLinear(
-                spec["in_features"],
-                spec["out_features"],
-                spec["bias"],
-                QuantScheme.model_validate(spec["weight_scheme"]),
-                QuantScheme.model_validate(act) if act else None,
-                scale_dtype=getattr(torch, spec["scale_dtype"]),
-            ),
-        )
+    layers = quantization["layers"]
+    for name, spec in quantization.get("low_rank", {}).items():
+        residual = _empty_quantized_linear(layers[f"{name}.residual"])
+        set_module(model, name, LowRankQuantizedLinear(residual, spec["rank"], getattr(torch, spec["dtype"])))
+    for name, spec in layers.items():
+        set_module(model, name, _empty_quantized_linear(spec))
     missing, unexpected = st_load_model(model, str(folder / WEIGHTS_FILE), strict=False)
     if unexpected or [k for k in missing if not _is_tied(model, k)]:
         raise ArtifactError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -197,6 +206,18 @@ def load_quantized(path: str | Path, verify: bool = True) -> QuantizedModel:
     report_path = folder / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     return QuantizedModel(model, tokenizer, quantization["kind"], quantization, report, folder)
+
+
+def _empty_quantized_linear(spec: dict) -> QuantizedLinear:
+    act = spec["activation_scheme"]
+    return QuantizedLinear(
+        spec["in_features"],
+        spec["out_features"],
+        spec["bias"],
+        QuantScheme.model_validate(spec["weight_scheme"]),
+        QuantScheme.model_validate(act) if act else None,
+        scale_dtype=getattr(torch, spec["scale_dtype"]),
+    )
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:

@@ -57,6 +57,13 @@ def _is_w8a8_int(weight: QuantScheme, act: QuantScheme | None) -> bool:
     )
 
 
+def fake_quant_activations(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Dynamic activation quantization, per call: S/Z per tensor, per token, or per group of
+    inputs within each token; computed in float32 and returned in x's dtype."""
+    tokens = x.reshape(-1, x.shape[-1]).float()
+    return fake_quant(tokens, calculate_qparams(tokens, scheme)).reshape(x.shape).to(x.dtype)
+
+
 def fast_path_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines or "x86" in torch.backends.quantized.supported_engines
 
@@ -165,7 +172,7 @@ class QuantizedLinear(nn.Module):
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_scheme is not None:
-            x = fake_quant(x, calculate_qparams(x, self.activation_scheme))
+            x = fake_quant_activations(x, self.activation_scheme)
         w = self.dequantize_weight(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w, bias)
@@ -203,12 +210,32 @@ class QuantizedLinear(nn.Module):
         self._packed_int8 = None  # moved or cast: rebuild from the stored codes
         return super()._apply(fn, recurse)
 
+    def compute_module(self, dtype: torch.dtype) -> nn.Module:
+        """This layer's computation with the weight dequantized once, in `dtype`: what the
+        calibration pipeline runs for the blocks after this one."""
+        return DequantizedLinear(self.dequantize_weight(dtype), self.bias, self.activation_scheme)
+
     def extra_repr(self) -> str:
         act = self.activation_scheme.short_name() if self.activation_scheme else "float"
         return f"in={self.in_features}, out={self.out_features}, weight={self.weight_scheme.short_name()}, act={act}"
 
     def storage_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in (self.qweight, self.scale, self.zero_point) if b is not None)
+
+
+class DequantizedLinear(nn.Module):
+    """A fixed dequantized weight, with the activation quantization of its QuantizedLinear."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation_scheme: QuantScheme | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.to(weight.dtype), requires_grad=False)
+        self.activation_scheme = activation_scheme
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_scheme is not None:
+            x = fake_quant_activations(x, self.activation_scheme)
+        return F.linear(x, self.weight, self.bias)
 
 
 def enable_fast_path(model: nn.Module, enabled: bool = True) -> int:

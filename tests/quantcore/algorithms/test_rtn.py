@@ -83,7 +83,7 @@ def test_ignore_patterns():
 @pytest.mark.parametrize(
     "stage,message",
     [
-        ({"algorithm": "awq", "weights": {"bits": 4}}, "not implemented"),
+        ({"algorithm": "dfq", "weights": {"bits": 4}}, "not implemented"),
         ({"algorithm": "nope", "weights": {"bits": 4}}, "unknown algorithm 'nope'"),
         ({"algorithm": "rtn"}, "needs a 'weights' scheme"),
         ({"algorithm": "rtn", "weights": {"bits": 4}, "options": {"damp": 0.1}}, "options.damp"),

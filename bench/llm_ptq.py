@@ -1,0 +1,177 @@
+"""LLM post-training quantization on SmolLM2-135M (and MiniLM): the LLM PTQ issue's table.
+
+Every row is a real qforge job (`quantcore.job.run_job`: load, baseline, quantize with the
+recipe, evaluate, export) run in a fresh Python process, so its peak RSS is its own. The
+DESIGN.md split; calibration 128 sequences of 512 tokens from the calibration part; seed 0.
+
+Columns: perplexity (or MiniLM's embedding cosine to fp32), the wall seconds of the
+quantization stage (calibration forwards included), the peak RSS of the quantization
+stage (everything up to its end: load and baseline included) and of the whole job.
+
+    python bench/llm_ptq.py [--methods gptq-w4-g64,...] [--tokens 16384] [--results bench/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SEED = 0
+SMOLLM2, MINILM = "bundled:smollm2-135m", "bundled:minilm-l6"
+G64 = {"type": "int", "bits": 4, "symmetric": True, "granularity": "group", "group_size": 64}
+
+
+A4_G64 = {"type": "int", "bits": 4, "symmetric": True, "granularity": "group", "group_size": 64, "dynamic": True}
+MINILM_IGNORE = ["lm_head", "pooler.dense"]  # the pooler lies outside the encoder blocks; embeddings do not use it
+
+
+def _minilm(preset: str) -> dict:
+    from quantcore.recipe import PRESETS
+
+    stages = [{**stage, "ignore": MINILM_IGNORE} for stage in PRESETS[preset]["stages"]]
+    return {"name": f"{preset} (MiniLM)", "stages": stages}
+
+
+# name -> (model, bits label, recipe: a preset name or a recipe dict)
+METHODS: dict[str, tuple[str, str, str | dict]] = {
+    "rtn-w4-g64": (SMOLLM2, "W4 g64", "w4a16-rtn-g64"),
+    "gptq-w4-g64": (SMOLLM2, "W4 g64", "w4a16-gptq-g64"),
+    "awq-w4-g64": (SMOLLM2, "W4 g64", "w4a16-awq-g64"),
+    "octav-rtn-w4-g64": (SMOLLM2, "W4 g64", "w4a16-octav-rtn-g64"),
+    "best-w4-g64": (SMOLLM2, "W4 g64", "w4a16-best-g64"),
+    "rtn-w3-g64": (SMOLLM2, "W3 g64", "w3a16-rtn-g64"),
+    "gptq-w3-g64": (SMOLLM2, "W3 g64", "w3a16-gptq-g64"),
+    "rtn-w8a8": (SMOLLM2, "W8A8 (token)", "w8a8-rtn"),
+    "smoothquant-w8a8": (SMOLLM2, "W8A8 (token)", "w8a8-smoothquant"),
+    "smoothquant-rtn-w4a4": (SMOLLM2, "W4A4 g64", {
+        "name": "smoothquant-then-rtn-w4a4",
+        "stages": [{"algorithm": "smoothquant", "options": {"alpha": 0.5}},
+                   {"algorithm": "rtn", "weights": G64, "activations": A4_G64}],
+    }),
+    "svdquant-w4a4-r32": (SMOLLM2, "W4A4 g64", "w4a4-svdquant-r32"),
+    "minilm-smoothquant-w8a8": (MINILM, "W8A8 (token)", _minilm("w8a8-smoothquant")),
+    "minilm-gptq-w4-g64": (MINILM, "W4 g64", _minilm("w4a16-gptq-g64")),
+}
+
+# The LLM PTQ issue's targets: a toolkit's GPTQ on this machine, split and calibration set.
+TARGETS = {
+    "gptq-w4-g64": "≤ 14.11 ppl, ≤ 229.5 s, ≤ 1.47 GB",
+    "gptq-w3-g64": "≤ 36.35 ppl, ≤ 215 s, ≤ 1.30 GB",
+    "awq-w4-g64": "≤ RTN, within 3 % of GPTQ",
+    "best-w4-g64": "aim ≤ 13.1",
+    "smoothquant-w8a8": "≤ 1.01 × fp32",
+    "svdquant-w4a4-r32": "< smoothquant-rtn-w4a4",
+    "minilm-smoothquant-w8a8": "cosine ≥ 0.99",
+    "minilm-gptq-w4-g64": "cosine ≥ 0.99",
+}
+
+
+def child(method: str, tokens: int, out: Path) -> None:
+    """Run one method's job in this process and write its figures to `out`."""
+    from quantcore.job import EvaluationSpec, JobRequest, run_job
+
+    model, _, recipe = METHODS[method]
+    marks: dict[str, float] = {}
+
+    def progress(stage: str, current: int, total: int, message: str = "") -> None:
+        if stage in ("evaluate", "export") and "quantize_peak_rss" not in marks:
+            marks["quantize_peak_rss"] = _peak_rss_bytes()
+
+    request = JobRequest(model=model, recipe=recipe, evaluation=EvaluationSpec(perplexity_tokens=tokens), seed=SEED)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        report = run_job(request, Path(tmp), progress=progress)
+        job_s = time.perf_counter() - start
+    out.write_text(
+        json.dumps(
+            {
+                "method": method,
+                "metrics": report["metrics"],
+                "timings": report["timings"],
+                "job_s": job_s,
+                "quantize_peak_rss": marks.get("quantize_peak_rss"),
+                "peak_rss": _peak_rss_bytes(),
+                "float32_parameter_bytes": report["sizes"]["float32_parameter_bytes"],
+                "compute_dtype": report["request"]["calibration"]["compute_dtype"],
+            }
+        )
+    )
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (DESIGN.md: 16384)")
+    parser.add_argument("--results", type=Path, help="also write the table into this markdown file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.tokens, args.out)
+        return 0
+
+    from common import run_header, write_section
+
+    header = run_header(SEED, calibration="128 x 512 tokens", evaluation_tokens=args.tokens)
+    print("\n".join(header), flush=True)
+    rows, baseline = [], {}
+    for method in args.methods.split(","):
+        if method not in METHODS:
+            raise SystemExit(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "result.json"
+            command = [sys.executable, __file__, "--child", method, "--tokens", str(args.tokens), "--out", str(out)]
+            subprocess.run(command, check=True)
+            result = json.loads(out.read_text())
+        rows.append(result)
+        model = METHODS[method][0]
+        baseline[model] = result["metrics"]["baseline"]
+        print(f"{method}: {_metric(result)}, quantize {result['timings']['quantize_s']:.1f} s, "
+              f"peak RSS {result['peak_rss'] / 1e9:.2f} GB", flush=True)
+
+    lines = []
+    if SMOLLM2 in baseline:
+        lines.append(f"SmolLM2-135M fp32 perplexity: {baseline[SMOLLM2]['perplexity']:.3f} (reference 11.81)")
+    lines += [
+        "",
+        "| method | bits | model | ppl / cosine | quantize s | quantize-stage peak RSS GB | job peak RSS GB | target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        model, bits, _ = METHODS[r["method"]]
+        lines.append(
+            f"| {r['method']} | {bits} | {model.split(':')[1]} | {_metric(r)} | {r['timings']['quantize_s']:.1f} | "
+            f"{r['quantize_peak_rss'] / 1e9:.2f} | {r['peak_rss'] / 1e9:.2f} | {TARGETS.get(r['method'], '')} |"
+        )
+    if rows:
+        lines.append("")
+        lines.append(f"fp32 parameter bytes: {rows[0]['float32_parameter_bytes'] / 1e9:.3f} GB; "
+                     f"calibration forwards in {rows[0]['compute_dtype']} (auto picks bfloat16 only where it is faster)")
+    table = "\n".join(lines)
+    print("\n" + table)
+    if args.results:
+        write_section(args.results, "LLM PTQ on SmolLM2-135M", header, table, " ".join(["python"] + sys.argv))
+    return 0
+
+
+def _metric(result: dict) -> str:
+    quantized = result["metrics"]["quantized"]
+    if "perplexity" in quantized:
+        return f"{quantized['perplexity']:.3f}"
+    return f"cosine {quantized['embedding_cosine']:.4f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

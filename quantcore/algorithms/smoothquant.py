@@ -1,0 +1,168 @@
+"""SmoothQuant: Xiao, Lin, Seznec, Wu, Demouth, Han, "SmoothQuant: Accurate and Efficient
+Post-Training Quantization for Large Language Models" (ICML 2023).
+
+Activations of LLMs have a few input channels with outliers 10-100x larger than the rest,
+which a per-token int8 grid cannot hold without crushing everything else; weights are easy.
+SmoothQuant migrates the difficulty from activations to weights, per input channel j:
+
+    s_j = max|X_j|^α / max|W_j|^(1−α)             (max over calibration tokens / weight rows)
+    X' = X diag(s)⁻¹,   W' = W diag(s)            (so X'W'ᵀ = XWᵀ exactly)
+
+with the division folded into the preceding norm or linear (`smoothing.py`), so the
+smoothed model has no extra op. α balances the two (0.5 in the paper; larger moves more
+into the weights); `alpha: search` picks it per block from a grid, by the error of the
+smoothed and quantized block's output against the float block's on calibration samples.
+
+Then, when the stage has a weight scheme, every targeted Linear of the block is quantized
+round-to-nearest: W8A8 with per-channel weights and per-token dynamic activations runs
+real int8 matmuls on CPU (`QuantizedLinear`). Without a weight scheme the stage only
+smooths, for a later stage (e.g. GPTQ) to quantize.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from quantcore.algorithms.base import LayerResult, StageContext, replace_with_quantized
+from quantcore.algorithms.gptq_stage import calibrated_targets
+from quantcore.algorithms.smoothing import SmoothingPair, migration_scales, smoothing_pairs
+from quantcore.modules.quantized_linear import QuantizedLinear
+from quantcore.observers import make_observer
+from quantcore.pipeline import CalibrationBlock, compute_copy, run_block, run_blockwise
+from quantcore.recipe import Stage
+from quantcore.registry import Algorithm, register
+from quantcore.targets import set_module
+
+
+class SmoothQuantOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float | Literal["search"] = Field(0.5, description="migration strength in [0, 1], or 'search' per block")
+    alpha_grid: list[float] = Field(
+        default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], min_length=1, max_length=21,
+        description="the alphas tried by alpha: search",
+    )
+    search_samples: int = Field(16, ge=1, le=512, description="calibration samples scored per alpha")
+
+
+def check_stage(stage: Stage) -> None:
+    options = SmoothQuantOptions.model_validate(stage.options)
+    for alpha in [options.alpha] if isinstance(options.alpha, float) else options.alpha_grid:
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"options.alpha: must be in [0, 1], got {alpha}")
+    if options.alpha == "search" and stage.weights is None:
+        raise ValueError("options.alpha: 'search' scores the quantized block, so it needs a 'weights' scheme")
+    act = stage.activations
+    if act is not None and not act.dynamic:
+        raise ValueError("activations: static activation scales are not supported yet; set dynamic: true")
+    if act is not None and stage.weights is None:
+        raise ValueError("activations: quantizing activations needs a 'weights' scheme in the same stage")
+
+
+def activation_absmax(block: CalibrationBlock, pairs: list[SmoothingPair]) -> dict[str, torch.Tensor]:
+    """max_t |X_tj| of each pair's input over all calibration tokens (one forward)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def observer(name: str):
+        def observe(x: torch.Tensor) -> None:
+            m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+            seen[name] = m if name not in seen else torch.maximum(seen[name], m)
+
+        return observe
+
+    block.forward({pair.consumer_names[0]: observer(pair.consumer_names[0]) for pair in pairs})
+    return {pair.producer_name: seen[pair.consumer_names[0]] for pair in pairs}
+
+
+def smooth(pairs: list[SmoothingPair], absmax: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    scales = {}
+    for pair in pairs:
+        scales[pair.producer_name] = migration_scales(absmax[pair.producer_name], pair.weight_absmax(), alpha)
+        pair.apply(scales[pair.producer_name])
+    return scales
+
+
+def _quantize_copy(module: nn.Module, names: list[str], stage: Stage) -> None:
+    """Round-to-nearest quantize `names` (relative to `module`) in place, as the stage would."""
+    for name in names:
+        linear = module.get_submodule(name)
+        observer = make_observer(stage.weights)
+        observer.update(linear.weight.detach().float())
+        qlinear = QuantizedLinear.from_float(
+            linear, stage.weights, stage.activations, observer.qparams(), getattr(torch, stage.scale_dtype)
+        )
+        set_module(module, name, qlinear)
+
+
+def search_alpha(block: CalibrationBlock, layers: list[str], absmax: dict, stage: Stage, options: SmoothQuantOptions) -> tuple[float, dict]:
+    """The alpha of the grid whose smoothed, quantized block is closest to the float block."""
+    samples = list(zip(block.inputs.hidden, block.inputs.kwargs))[: options.search_samples]
+    relative = [name[len(block.name) + 1 :] for name in layers]
+    with torch.no_grad():
+        reference = compute_copy(block.module, block.compute_dtype)
+        expected = [run_block(reference, h, kw).float() for h, kw in samples]
+        errors = {}
+        for alpha in options.alpha_grid:
+            candidate = copy.deepcopy(block.module)
+            smooth(smoothing_pairs(block.name, candidate, set(layers)), absmax, alpha)
+            _quantize_copy(candidate, relative, stage)
+            work = compute_copy(candidate, block.compute_dtype)
+            errors[alpha] = sum(
+                float((run_block(work, h, kw).float() - want).pow(2).mean()) for (h, kw), want in zip(samples, expected)
+            )
+    best = min(errors, key=errors.get)
+    return best, {str(a): e / len(samples) for a, e in errors.items()}
+
+
+def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerResult]:
+    options = SmoothQuantOptions.model_validate(stage.options)
+    targets = calibrated_targets(model, stage, context)
+    results: list[LayerResult] = []
+    smoothed: list[str] = []
+
+    def quantize_block(block: CalibrationBlock) -> None:
+        layers = block.layers(targets)
+        pairs = smoothing_pairs(block.name, block.module, layers)
+        alpha, errors = options.alpha, None
+        if pairs:
+            absmax = activation_absmax(block, pairs)
+            if alpha == "search":
+                alpha, errors = search_alpha(block, list(layers), absmax, stage, options)
+            smooth(pairs, absmax, alpha)
+            smoothed.extend(name for pair in pairs for name in pair.consumer_names)
+        if stage.weights is None:
+            return
+        for name, linear in layers.items():
+            observer = make_observer(stage.weights)
+            observer.update(linear.weight.detach().float())
+            layer = replace_with_quantized(model, name, linear, stage, qparams=observer.qparams())
+            layer.extra["smoothquant_alpha"] = alpha if name in smoothed else None
+            if errors and name == next(iter(layers)):
+                layer.extra["smoothquant_alpha_search"] = errors
+            results.append(layer)
+
+    run_blockwise(model, context.calibration, quantize_block, context.progress, context.compute_dtype, context.release_memory)
+    if not smoothed:
+        raise ValueError(
+            "smoothquant found no layer it can smooth: it folds scales into a preceding norm or linear "
+            "(llama-style input_layernorm → q/k/v, post_attention_layernorm → gate/up, up → down; BERT value → output)"
+        )
+    return results
+
+
+register(
+    Algorithm(
+        name="smoothquant",
+        summary="SmoothQuant: migrate activation outliers into the weights, folded into norms (Xiao et al., 2023)",
+        options=SmoothQuantOptions,
+        apply=apply,
+        check_stage=check_stage,
+        requires_weights=False,
+        requires_calibration=True,
+    )
+)

@@ -1,0 +1,67 @@
+"""Giving memory back while a model is quantized block by block (Linux; a no-op elsewhere).
+
+Transformers loads safetensors weights as a private memory map of the file: a block's
+float weights become resident when the block is first run and would stay resident after
+the block's layers are replaced by quantized ones, so without help the process grows by
+the whole float model. `release_file_pages` drops the resident pages that lie entirely
+inside a tensor's bytes, only when they belong to a file mapping (so the memory is the
+file's, not the only copy of anything); `trim_heap` returns freed heap memory to the OS.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import mmap
+import sys
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_MADV_DONTNEED = 4
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _file_mapping(address: int) -> tuple[int, int] | None:
+    """(start, end) of the file-backed mapping holding `address`, or None (anonymous, unknown)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                start, end = (int(v, 16) for v in fields[0].split("-"))
+                if start <= address < end:
+                    path = fields[5].strip() if len(fields) == 6 else ""
+                    return (start, end) if path.startswith("/") else None
+    except OSError:
+        return None
+    return None
+
+
+def release_file_pages(tensor: torch.Tensor) -> int:
+    """Drop from memory the whole pages of `tensor`'s bytes when they are a file's memory map.
+    Call it only for tensors nothing will read again: a page that was written to (copy on
+    write) is discarded, and a later read sees the file's bytes. Returns the bytes released."""
+    if _libc is None or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return 0
+    begin = tensor.data_ptr()
+    end = begin + tensor.numel() * tensor.element_size()
+    mapping = _file_mapping(begin)
+    if mapping is None:
+        return 0
+    page = mmap.PAGESIZE
+    first = max(-(-begin // page) * page, mapping[0])
+    last = min(end // page * page, mapping[1])
+    if last <= first:
+        return 0
+    if _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) != 0:
+        log.debug("madvise failed: errno %d", ctypes.get_errno())
+        return 0
+    return last - first
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc keeps it otherwise)."""
+    if _libc is not None and hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)
