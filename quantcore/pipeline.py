@@ -189,6 +189,7 @@ class CalibrationBlock:
     module: nn.Module
     inputs: BlockInputs
     compute_dtype: torch.dtype
+    advanced: bool = False  # set by a stage that already replaced the inputs by the block's outputs
 
     def layers(self, candidates: dict[str, nn.Module]) -> dict[str, nn.Module]:
         """The entries of `candidates` (full module names) that lie inside this block."""
@@ -261,7 +262,8 @@ def run_blockwise(
         block = CalibrationBlock(name, module, inputs, dtype)
         before = list(module.parameters())
         quantize_block(block)
-        block.advance()
+        if not block.advanced:
+            block.advance()
         if release_replaced:
             kept = {id(p) for p in model.parameters()}
             released = sum(release_file_pages(p.data) for p in before if id(p) not in kept)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from quantcore.algorithms.base import LayerResult, StageContext, replace_with_quantized
+from quantcore import segments
 from quantcore.algorithms.gptq import GPTQ
 from quantcore.pipeline import CalibrationBlock, contains, find_blocks, run_blockwise
 from quantcore.recipe import Stage
@@ -33,6 +34,11 @@ class GPTQOptions(BaseModel):
     block_size: int = Field(128, ge=1, le=4096, description="columns per lazy batch update")
     act_order: bool = Field(False, description="quantize columns in order of decreasing H_ii")
     static_groups: bool = Field(False, description="fix every group's S/Z from the weight before any update")
+    true_sequential: bool = Field(
+        True,
+        description="llama-style blocks: quantize q/k/v, o, gate/up, down in turn, each calibrated on the "
+        "already-quantized layers before it, in one pass (other blocks: one float pass for every layer)",
+    )
 
 
 def check_stage(stage: Stage) -> None:
@@ -93,22 +99,43 @@ def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerRe
     scale_dtype = getattr(torch, stage.scale_dtype)
     results: list[LayerResult] = []
 
+    def quantize_layer(name: str, linear: nn.Linear, solver: GPTQ) -> None:
+        result = solver.quantize(
+            linear.weight.detach().float(),
+            stage.weights,
+            damp=options.damp,
+            block_size=options.block_size,
+            act_order=options.act_order,
+            static_groups=options.static_groups,
+            scale_dtype=scale_dtype,
+        )
+        layer = replace_with_quantized(model, name, linear, stage, qparams=result.qparams, weight=result.Q)
+        layer.extra["gptq_loss"] = round(float(result.loss), 6)
+        results.append(layer)
+
     def quantize_block(block: CalibrationBlock) -> None:
         layers = block.layers(targets)
+        if options.true_sequential and segments.supports(block):
+            solvers: dict[str, GPTQ] = {}
+
+            def observe(group: tuple[str, ...], x: torch.Tensor) -> None:
+                names = [f"{block.name}.{n}" for n in group if f"{block.name}.{n}" in layers]
+                if names and names[0] not in solvers:
+                    shared = GPTQ(layers[names[0]].in_features)
+                    solvers.update({name: shared for name in names})
+                if names:
+                    solvers[names[0]].add_batch(x)
+
+            def quantize_group(group: list[str]) -> None:
+                for name in (f"{block.name}.{n}" for n in group):
+                    if name in layers:
+                        quantize_layer(name, layers[name], solvers.pop(name))
+
+            segments.run_true_sequential(block, observe, quantize_group)
+            return
         solvers = accumulate_hessians(block, layers)
         for name, linear in layers.items():
-            result = solvers.pop(name).quantize(
-                linear.weight.detach().float(),
-                stage.weights,
-                damp=options.damp,
-                block_size=options.block_size,
-                act_order=options.act_order,
-                static_groups=options.static_groups,
-                scale_dtype=scale_dtype,
-            )
-            layer = replace_with_quantized(model, name, linear, stage, qparams=result.qparams, weight=result.Q)
-            layer.extra["gptq_loss"] = round(float(result.loss), 6)
-            results.append(layer)
+            quantize_layer(name, linear, solvers.pop(name))
 
     run_blockwise(model, context.calibration, quantize_block, context.progress, context.compute_dtype, context.release_memory)
     return results
