@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from quantcore.memory import release_file_pages
+from quantcore.memory import release_file_pages, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -268,4 +268,5 @@ def run_blockwise(
             kept = {id(p) for p in model.parameters()}
             released = sum(release_file_pages(p.data) for p in before if id(p) not in kept)
             log.debug("%s: released %d bytes of replaced float weights", name, released)
+            trim_heap()  # and the freed activations of the block's segments
         progress(index + 1, len(blocks), name)

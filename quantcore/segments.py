@@ -17,7 +17,7 @@ layers whose inputs were just observed is quantized:
     x₂ + down_proj(p)                 the next block's input
 
 Each segment keeps one tensor per sample (a, then x₂ and p), so memory stays at a few
-activations per sample; p is kept in float16 when it fits. Every block is first checked on
+activations per sample; p, the widest, is stored in float16 when it fits. Every block is first checked on
 one sample against its own forward: a block that computes anything else (another
 architecture, extra norms) returns None and the caller falls back to the two-pass driver.
 """
@@ -99,7 +99,8 @@ def supports(block: CalibrationBlock) -> bool:
 
 
 def _compact(p: torch.Tensor) -> torch.Tensor:
-    """float16 storage when it holds the values (half the memory), else as is."""
+    """float16 storage when it holds the values (half the memory; 11-bit mantissa, as GPU
+    toolkits calibrate in), else as is."""
     if p.dtype == torch.float32 and float(p.abs().amax()) < 6e4:
         return p.to(torch.float16)
     return p
@@ -144,14 +145,14 @@ def run_true_sequential(
 
         work, products = fresh(), []
         for x2 in hidden:
-            p = _mlp_product(work, work.post_attention_layernorm(x2))
+            p = _mlp_product(work, work.post_attention_layernorm(x2.to(dtype)))
             observe(GROUPS[3], p)
             products.append(_compact(p))
         quantize_group(list(GROUPS[3]))
 
         work = fresh()
         for i, x2 in enumerate(hidden):
-            p = products[i].to(x2.dtype)
+            p = products[i].to(dtype)
             products[i] = None  # type: ignore[call-overload]
-            hidden[i] = x2 + work.mlp.down_proj(p)
+            hidden[i] = x2.to(dtype) + work.mlp.down_proj(p)
     block.advanced = True

@@ -41,7 +41,7 @@ class GPTQResult:
 class GPTQ:
     """Accumulates one layer's Hessian from its calibration inputs, then quantizes its weight."""
 
-    flush_rows = 4096  # inputs are multiplied in batches of this many rows: XᵀX is faster tall
+    flush_rows = 2048  # inputs are multiplied in batches of this many rows: XᵀX is faster tall
 
     def __init__(self, columns: int) -> None:
         self.columns = columns
