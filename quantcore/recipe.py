@@ -147,6 +147,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "description": "GPTQ int3 weights in groups of 64, symmetric, act-order",
         "stages": [{"algorithm": "gptq", "weights": _w(3, "group", 64), "options": {"act_order": True}}],
     },
+    "w4a16-octav-rtn-g64": {
+        "description": "int4 weights in groups of 64, symmetric, each group clipped where OCTAV puts the least error",
+        "stages": [{"algorithm": "rtn", "weights": {**_w(4, "group", 64), "observer": "octav"}}],
+    },
     "w4a16-awq-g64": {
         "description": "AWQ int4 weights in groups of 64: activation-aware scales folded into norms, clipping search",
         "stages": [{"algorithm": "awq", "weights": _w(4, "group", 64)}],

@@ -38,7 +38,7 @@ FP8_DTYPES = {
     QuantType.FP8_E5M2: torch.float8_e5m2,
 }
 
-ObserverName = Literal["minmax", "moving_average", "percentile", "histogram", "mse"]
+ObserverName = Literal["minmax", "moving_average", "percentile", "histogram", "mse", "octav"]
 
 
 class QuantScheme(BaseModel):

@@ -92,25 +92,26 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
-def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerResult]:
+def apply(
+    model: nn.Module,
+    stage: Stage,
+    context: StageContext,
+    solver: type[GPTQ] = GPTQ,
+    options_model: type[BaseModel] = GPTQOptions,
+) -> list[LayerResult]:
+    """Block by block: accumulate each target layer's Hessian, then quantize it with `solver`
+    (GPTQ, or OBQ, which shares the wiring)."""
     assert stage.weights is not None
-    options = GPTQOptions.model_validate(stage.options)
+    options = options_model.model_validate(stage.options)
+    solve_options = options.model_dump(exclude={"true_sequential"})
     targets = calibrated_targets(model, stage, context)
     scale_dtype = getattr(torch, stage.scale_dtype)
     results: list[LayerResult] = []
 
-    def quantize_layer(name: str, linear: nn.Linear, solver: GPTQ) -> None:
-        result = solver.quantize(
-            linear.weight.detach().float(),
-            stage.weights,
-            damp=options.damp,
-            block_size=options.block_size,
-            act_order=options.act_order,
-            static_groups=options.static_groups,
-            scale_dtype=scale_dtype,
-        )
+    def quantize_layer(name: str, linear: nn.Linear, accumulated: GPTQ) -> None:
+        result = accumulated.quantize(linear.weight.detach().float(), stage.weights, scale_dtype=scale_dtype, **solve_options)
         layer = replace_with_quantized(model, name, linear, stage, qparams=result.qparams, weight=result.Q)
-        layer.extra["gptq_loss"] = round(float(result.loss), 6)
+        layer.extra[f"{stage.algorithm}_loss"] = round(float(result.loss), 6)
         results.append(layer)
 
     def quantize_block(block: CalibrationBlock) -> None:
@@ -121,7 +122,7 @@ def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerRe
             def observe(group: tuple[str, ...], x: torch.Tensor) -> None:
                 names = [f"{block.name}.{n}" for n in group if f"{block.name}.{n}" in layers]
                 if names and names[0] not in solvers:
-                    shared = GPTQ(layers[names[0]].in_features)
+                    shared = solver(layers[names[0]].in_features)
                     solvers.update({name: shared for name in names})
                 if names:
                     solvers[names[0]].add_batch(x)
@@ -133,7 +134,7 @@ def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerRe
 
             segments.run_true_sequential(block, observe, quantize_group)
             return
-        solvers = accumulate_hessians(block, layers)
+        solvers = accumulate_hessians(block, layers, solver)
         for name, linear in layers.items():
             quantize_layer(name, linear, solvers.pop(name))
 

@@ -11,6 +11,7 @@ per-group statistics all have the shape of S (the grouped view with its last dim
     percentile      lower / upper percentile of the values seen     (clips rare outliers)
     histogram       histogram, then the range of least expected MSE  (PyTorch's HistogramObserver)
     mse             grid search of the clip ratio of least actual MSE (GPTQ's `Quantizer.find_params`)
+    octav           OCTAV's MSE-optimal clip, by its fixed-point iteration (Sakr et al., 2022)
 
     observer = make_observer(scheme)
     for batch in calibration:
@@ -87,6 +88,7 @@ from quantcore.observers.histogram import HistogramObserver
 from quantcore.observers.minmax import MinMaxObserver
 from quantcore.observers.moving_average import MovingAverageMinMaxObserver
 from quantcore.observers.mse import MSEObserver
+from quantcore.observers.octav import OctavObserver
 from quantcore.observers.percentile import PercentileObserver
 
 OBSERVERS: dict[str, type[Observer]] = {
@@ -95,6 +97,7 @@ OBSERVERS: dict[str, type[Observer]] = {
     "percentile": PercentileObserver,
     "histogram": HistogramObserver,
     "mse": MSEObserver,
+    "octav": OctavObserver,
 }
 
 
@@ -113,6 +116,7 @@ __all__ = [
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
     "Observer",
+    "OctavObserver",
     "PercentileObserver",
     "make_observer",
 ]
