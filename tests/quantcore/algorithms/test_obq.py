@@ -52,6 +52,9 @@ def naive_obq(W, H, scheme, damp=0.01):
             Hinv = torch.linalg.inv(H[left][:, left])
             costs = [(quant(float(w[j])) - float(w[j])) ** 2 / float(Hinv[k, k]) for k, j in enumerate(left)]
             k = min(range(len(left)), key=costs.__getitem__)
+            beyond = [abs(quant(float(w[j])) - float(w[j])) - s / 2 for j in left]  # outliers go first
+            if max(beyond) > 0:
+                k = max(range(len(left)), key=beyond.__getitem__)
             p = left[k]
             q = quant(float(w[p]))
             delta = (float(w[p]) - q) / float(Hinv[k, k])
