@@ -1,9 +1,12 @@
 """GPTQ as a recipe stage: the wiring between the math in `gptq.py` and a model.
 
-Block by block (`quantcore.pipeline.run_blockwise`): the calibration samples run through
-the block with a hook on every targeted Linear that adds its inputs to that layer's Hessian
-H = 2XᵀX; then each Linear is quantized by GPTQ and swapped for a QuantizedLinear, and the
-quantized block's outputs become the next block's inputs.
+Block by block (`quantcore.pipeline.run_blockwise`). On llama-style blocks, one
+true-sequential pass (`quantcore.segments`): q/k/v, o, gate/up and down are each
+calibrated on the outputs of the layers quantized before them. On any other block, two
+passes: the calibration samples run through the float block with a hook on every targeted
+Linear that adds its inputs to that layer's Hessian H = 2XᵀX, each Linear is quantized and
+swapped for a QuantizedLinear, and the quantized block's outputs become the next block's
+inputs. OBQ (`obq.py`) shares this wiring with its own solver.
 
 Layers fed the very same tensor (q/k/v projections after one norm, gate/up after another)
 share one Hessian, accumulated once: the same arithmetic, done a third of the times.
@@ -17,8 +20,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from quantcore.algorithms.base import LayerResult, StageContext, replace_with_quantized
 from quantcore import segments
+from quantcore.algorithms.base import LayerResult, StageContext, replace_with_quantized
 from quantcore.algorithms.gptq import GPTQ
 from quantcore.pipeline import CalibrationBlock, contains, find_blocks, run_blockwise
 from quantcore.recipe import Stage
