@@ -14,6 +14,13 @@ a LayerNorm whose output also feeds a residual connection (BERT's post-LN blocks
 be scaled without changing the block. So the pairs are listed per architecture below, as
 llm-compressor and AutoAWQ list them, and a pair is used only when its modules exist and
 their shapes match.
+
+Grouped-query attention (SmolLM2: 9 query heads share 3 value heads) gives V fewer channels
+than the output projection takes: value channel (k, d) feeds O's input channels (h, d) of
+every query head h in k's group. One scale per value channel, repeated over its group's
+heads on O's side, still cancels exactly; its statistics are the max over the group. Such
+pairs are built only on request (`grouped=True`), for callers that reduce their statistics
+with `to_producer` (SmoothQuant); AWQ and SVDQuant search scales per consumer channel.
 """
 
 from __future__ import annotations
@@ -41,18 +48,37 @@ class SmoothingPair:
     producer: nn.Module
     consumer_names: list[str]
     consumers: list[nn.Linear]
+    # grouped-query attention: each producer channel feeds `repeat` consumer channels,
+    # consumer channel (k, r, d) ↔ producer channel (k, d) with d < head_dim
+    repeat: int = 1
+    head_dim: int = 0
 
     @property
     def channels(self) -> int:
-        return self.consumers[0].in_features
+        """Producer channels: one scale each."""
+        return self.consumers[0].in_features // self.repeat
+
+    def to_producer(self, per_consumer_channel: torch.Tensor) -> torch.Tensor:
+        """A per-consumer-channel max statistic, reduced to one value per producer channel."""
+        if self.repeat == 1:
+            return per_consumer_channel
+        return per_consumer_channel.reshape(-1, self.repeat, self.head_dim).amax(dim=1).reshape(-1)
+
+    def to_consumer(self, s: torch.Tensor) -> torch.Tensor:
+        """Per-producer-channel scales, repeated over the consumer channels each one feeds."""
+        if self.repeat == 1:
+            return s
+        return s.reshape(-1, 1, self.head_dim).expand(-1, self.repeat, -1).reshape(-1)
 
     def weight_absmax(self) -> torch.Tensor:
         """max_i |W_ij| over the rows of every consumer: one value per input channel j."""
         return torch.stack([c.weight.detach().abs().amax(dim=0) for c in self.consumers]).amax(dim=0).float()
 
     def apply(self, s: torch.Tensor) -> None:
-        """Divide the producer's output channels by s and multiply the consumers' columns by s."""
+        """Divide the producer's output channels by s (one per producer channel) and multiply
+        the consumers' columns they feed by s."""
         s = s.float()
+        wide = self.to_consumer(s)
         with torch.no_grad():
             producer = self.producer
             if isinstance(producer, nn.Linear):
@@ -62,16 +88,32 @@ class SmoothingPair:
             if getattr(producer, "bias", None) is not None:
                 producer.bias.div_(s.to(producer.bias.dtype))
             for consumer in self.consumers:
-                consumer.weight.mul_(s.to(consumer.weight.dtype))
+                consumer.weight.mul_(wide.to(consumer.weight.dtype))
 
 
 def _is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower() and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
-def smoothing_pairs(block_name: str, block: nn.Module, targets: dict[str, nn.Module] | None = None) -> list[SmoothingPair]:
+def _grouped_query_repeat(block: nn.Module, producer_name: str, producer: nn.Linear, width: int) -> tuple[int, int]:
+    """(repeat, head_dim) when `producer` is the value projection of grouped-query attention
+    whose output projection takes `width` channels; (0, 0) when it is not."""
+    attention = block.get_submodule(producer_name.rsplit(".", 1)[0]) if "." in producer_name else block
+    head_dim = getattr(attention, "head_dim", None)
+    if not producer_name.endswith("v_proj") or not isinstance(head_dim, int) or head_dim <= 0:
+        return 0, 0
+    out = producer.out_features
+    if out % head_dim or width % out or width // out < 2:
+        return 0, 0
+    return width // out, head_dim
+
+
+def smoothing_pairs(
+    block_name: str, block: nn.Module, targets: dict[str, nn.Module] | None = None, grouped: bool = False
+) -> list[SmoothingPair]:
     """The foldable (producer, consumers) pairs of `block`. With `targets`, only pairs whose
-    consumers are all targeted (left-in-float layers are not smoothed)."""
+    consumers are all targeted (left-in-float layers are not smoothed); with `grouped`, also
+    grouped-query attention's value → output pair."""
     pairs = []
     for producer_name, consumer_names in PAIRS:
         try:
@@ -84,15 +126,18 @@ def smoothing_pairs(block_name: str, block: nn.Module, targets: dict[str, nn.Mod
         width = consumers[0].in_features
         if any(c.in_features != width for c in consumers):
             continue
+        repeat, head_dim = 1, 0
         if isinstance(producer, nn.Linear):
             if producer.out_features != width:
-                continue  # e.g. grouped-query attention: V has fewer channels than O takes
+                repeat, head_dim = _grouped_query_repeat(block, producer_name, producer, width) if grouped else (0, 0)
+                if not repeat:
+                    continue  # e.g. grouped-query attention, for a caller that cannot share scales
         elif not (_is_norm(producer) and producer.weight.shape == (width,)):
             continue
         full = [f"{block_name}.{name}" for name in consumer_names]
         if targets is not None and not all(name in targets for name in full):
             continue
-        pairs.append(SmoothingPair(f"{block_name}.{producer_name}", producer, full, consumers))
+        pairs.append(SmoothingPair(f"{block_name}.{producer_name}", producer, full, consumers, repeat, head_dim))
     return pairs
 
 

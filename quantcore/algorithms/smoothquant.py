@@ -82,7 +82,8 @@ def activation_absmax(block: CalibrationBlock, pairs: list[SmoothingPair]) -> di
 def smooth(pairs: list[SmoothingPair], absmax: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     scales = {}
     for pair in pairs:
-        scales[pair.producer_name] = migration_scales(absmax[pair.producer_name], pair.weight_absmax(), alpha)
+        act, weight = pair.to_producer(absmax[pair.producer_name]), pair.to_producer(pair.weight_absmax())
+        scales[pair.producer_name] = migration_scales(act, weight, alpha)
         pair.apply(scales[pair.producer_name])
     return scales
 
@@ -109,7 +110,7 @@ def search_alpha(block: CalibrationBlock, layers: list[str], absmax: dict, stage
         errors = {}
         for alpha in options.alpha_grid:
             candidate = copy.deepcopy(block.module)
-            smooth(smoothing_pairs(block.name, candidate, set(layers)), absmax, alpha)
+            smooth(smoothing_pairs(block.name, candidate, set(layers), grouped=True), absmax, alpha)
             _quantize_copy(candidate, relative, stage)
             work = compute_copy(candidate, block.compute_dtype)
             errors[alpha] = sum(
@@ -127,7 +128,7 @@ def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerRe
 
     def quantize_block(block: CalibrationBlock) -> None:
         layers = block.layers(targets)
-        pairs = smoothing_pairs(block.name, block.module, layers)
+        pairs = smoothing_pairs(block.name, block.module, layers, grouped=True)
         alpha, errors = options.alpha, None
         if pairs:
             absmax = activation_absmax(block, pairs)

@@ -61,6 +61,24 @@ def test_smoothing_alone_leaves_the_float_model_unchanged(kv_heads):
     names = [p.producer_name for p in smoothing_pairs("b", model.model.layers[0])]
     expect = ["b.input_layernorm", "b.post_attention_layernorm", "b.mlp.up_proj"]
     assert names == (expect[:1] + ["b.self_attn.v_proj"] + expect[1:] if kv_heads == 4 else expect)
+    # SmoothQuant also smooths grouped-query attention's V → O, one scale per value channel
+    grouped = smoothing_pairs("b", model.model.layers[0], grouped=True)
+    assert [p.producer_name for p in grouped] == expect[:1] + ["b.self_attn.v_proj"] + expect[1:]
+    assert grouped[1].repeat == (1 if kv_heads == 4 else 2)
+
+
+def test_grouped_query_scales_repeat_over_the_heads_sharing_a_value_head():
+    model = tiny_llama(heads=4, kv_heads=2)  # head_dim 16: query heads 0,1 read value head 0; 2,3 read 1
+    pair = smoothing_pairs("b", model.model.layers[0], grouped=True)[1]
+    s = torch.arange(1.0, 33.0)  # one scale per value channel
+    wide = pair.to_consumer(s)
+    assert wide.shape == (64,)
+    torch.testing.assert_close(wide[0:16], s[0:16])
+    torch.testing.assert_close(wide[16:32], s[0:16])  # query head 1 shares value head 0
+    torch.testing.assert_close(wide[32:48], s[16:32])
+    torch.testing.assert_close(wide[48:64], s[16:32])
+    stat = torch.arange(64.0)
+    torch.testing.assert_close(pair.to_producer(stat), torch.cat([stat[16:32], stat[48:64]]))  # max over the group
 
 
 def test_bert_smooths_only_value_into_output():
