@@ -79,7 +79,7 @@ def execute(request: JobRequest, output_dir: Path, progress, allow_local_paths: 
             )
             baseline = {"embedding_cosine": 1.0, "paragraphs": len(texts)}
 
-    layers: list[LayerResult] = clock.run("quantize", _apply_recipe, model, tokenizer, request, progress)
+    layers: list[LayerResult] = clock.run("quantize", _apply_recipe, model, tokenizer, request, progress, kind == "encoder")
 
     quantized: dict[str, Any] = {}
     if evaluation.enabled:
@@ -123,7 +123,7 @@ def execute(request: JobRequest, output_dir: Path, progress, allow_local_paths: 
     return report
 
 
-def _apply_recipe(model, tokenizer, request: JobRequest, progress) -> list[LayerResult]:
+def _apply_recipe(model, tokenizer, request: JobRequest, progress, encoder: bool = False) -> list[LayerResult]:
     results: list[LayerResult] = []
     calibration = None
     for index, stage in enumerate(request.recipe.stages):
@@ -132,7 +132,7 @@ def _apply_recipe(model, tokenizer, request: JobRequest, progress) -> list[Layer
         progress("quantize", 0, 1, f"{label}: starting")  # the stage is visible before its first layer
         if algorithm.requires_calibration and calibration is None:
             spec = request.calibration
-            calibration = calibration_windows(tokenizer, spec.num_samples, spec.seq_len)
+            calibration = calibration_windows(tokenizer, spec.num_samples, spec.seq_len, encoder=encoder)
         context = StageContext(
             progress=lambda c, t, m="": progress("quantize", c, t, f"{label}: {m}"),
             calibration=calibration if algorithm.requires_calibration else None,

@@ -34,7 +34,7 @@ from torch import nn
 PAIRS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # llama-style decoders (SmolLM2, Llama, Mistral, Qwen2)
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("self_attn.v_proj", ("self_attn.o_proj",)),  # only without grouped-query attention
+    ("self_attn.v_proj", ("self_attn.o_proj",)),  # with grouped-query attention: only if `grouped`
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ("mlp.up_proj", ("mlp.down_proj",)),
     # BERT encoders: the LayerNorms feed residual connections, so only value → output

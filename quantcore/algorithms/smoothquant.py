@@ -10,8 +10,12 @@ SmoothQuant migrates the difficulty from activations to weights, per input chann
 
 with the division folded into the preceding norm or linear (`smoothing.py`), so the
 smoothed model has no extra op. α balances the two (0.5 in the paper; larger moves more
-into the weights); `alpha: search` picks it per block from a grid, by the error of the
-smoothed and quantized block's output against the float block's on calibration samples.
+into the weights); `alpha: search` picks it from a grid on calibration data, either
+(`search_scope: pair`, the default) per smoothing pair, by the output error of that pair's
+quantized consumers, ‖Q(X diag(s)⁻¹) Q(W diag(s))ᵀ − XWᵀ‖², on a sample of calibration
+tokens, or (`search_scope: block`) one α per block, by the error of the smoothed and
+quantized block's output against the float block's. Per pair matters on llama blocks: the
+input of down_proj has far larger outliers than that of q/k/v and wants a larger α.
 
 Then, when the stage has a weight scheme, every targeted Linear of the block is quantized
 round-to-nearest: W8A8 with per-channel weights and per-token dynamic activations runs
@@ -31,9 +35,10 @@ from torch import nn
 from quantcore.algorithms.base import LayerResult, StageContext, replace_with_quantized
 from quantcore.algorithms.gptq_stage import calibrated_targets
 from quantcore.algorithms.smoothing import SmoothingPair, migration_scales, smoothing_pairs
-from quantcore.modules.quantized_linear import QuantizedLinear
+from quantcore.modules.quantized_linear import QuantizedLinear, fake_quant_activations
 from quantcore.observers import make_observer
 from quantcore.pipeline import CalibrationBlock, compute_copy, run_block, run_blockwise
+from quantcore.qparams import fake_quant
 from quantcore.recipe import Stage
 from quantcore.registry import Algorithm, register
 from quantcore.targets import set_module
@@ -47,7 +52,11 @@ class SmoothQuantOptions(BaseModel):
         default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], min_length=1, max_length=21,
         description="the alphas tried by alpha: search",
     )
-    search_samples: int = Field(16, ge=1, le=512, description="calibration samples scored per alpha")
+    search_scope: Literal["pair", "block"] = Field(
+        "pair", description="alpha: search picks one alpha per smoothing pair (layer outputs) or per block (block output)"
+    )
+    search_samples: int = Field(16, ge=1, le=512, description="calibration samples scored per alpha (block scope)")
+    search_tokens: int = Field(4096, ge=16, le=65536, description="calibration tokens scored per alpha (pair scope)")
 
 
 def check_stage(stage: Stage) -> None:
@@ -64,26 +73,68 @@ def check_stage(stage: Stage) -> None:
         raise ValueError("activations: quantizing activations needs a 'weights' scheme in the same stage")
 
 
-def activation_absmax(block: CalibrationBlock, pairs: list[SmoothingPair]) -> dict[str, torch.Tensor]:
-    """max_t |X_tj| of each pair's input over all calibration tokens (one forward)."""
+def activation_absmax(
+    block: CalibrationBlock, pairs: list[SmoothingPair], sample_tokens: int = 0
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """max_t |X_tj| of each pair's input over all calibration tokens (one forward), and, with
+    `sample_tokens`, about that many of its input rows, spread evenly over every sample."""
     seen: dict[str, torch.Tensor] = {}
+    rows: dict[str, list[torch.Tensor]] = {}
+    per_sample = -(-sample_tokens // max(len(block.inputs.hidden), 1)) if sample_tokens else 0
 
     def observer(name: str):
         def observe(x: torch.Tensor) -> None:
-            m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+            x = x.reshape(-1, x.shape[-1])
+            m = x.abs().amax(dim=0).float()
             seen[name] = m if name not in seen else torch.maximum(seen[name], m)
+            if per_sample:
+                pick = torch.linspace(0, x.shape[0] - 1, min(per_sample, x.shape[0])).round().long()
+                rows.setdefault(name, []).append(x[pick].float())
 
         return observe
 
     block.forward({pair.consumer_names[0]: observer(pair.consumer_names[0]) for pair in pairs})
-    return {pair.producer_name: seen[pair.consumer_names[0]] for pair in pairs}
+    absmax = {pair.producer_name: seen[pair.consumer_names[0]] for pair in pairs}
+    sample = {pair.producer_name: torch.cat(rows[pair.consumer_names[0]]) for pair in pairs if per_sample}
+    return absmax, sample
 
 
-def smooth(pairs: list[SmoothingPair], absmax: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+def pair_scales(pair: SmoothingPair, absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The migration scales of a pair, one per producer channel."""
+    return migration_scales(pair.to_producer(absmax), pair.to_producer(pair.weight_absmax()), alpha)
+
+
+def search_pair_alpha(
+    pair: SmoothingPair, absmax: torch.Tensor, X: torch.Tensor, stage: Stage, grid: list[float]
+) -> tuple[float, dict[str, float]]:
+    """The alpha of the grid whose smoothed, quantized consumers best reproduce X Wᵀ on the rows X."""
+    weights = [c.weight.detach().float() for c in pair.consumers]
+    expected = [X @ W.T for W in weights]
+    errors = {}
+    for alpha in grid:
+        wide = pair.to_consumer(pair_scales(pair, absmax, alpha))
+        Xs = X / wide
+        if stage.activations is not None:
+            Xs = fake_quant_activations(Xs, stage.activations)
+        errors[str(alpha)] = sum(
+            float((Xs @ _fake_quant_weight(W * wide, stage).T - want).pow(2).sum()) for W, want in zip(weights, expected)
+        ) / X.shape[0]
+    best = min(errors, key=errors.get)
+    return float(best), errors
+
+
+def _fake_quant_weight(W: torch.Tensor, stage: Stage) -> torch.Tensor:
+    observer = make_observer(stage.weights)
+    observer.update(W)
+    return fake_quant(W, observer.qparams())
+
+
+def smooth(pairs: list[SmoothingPair], absmax: dict[str, torch.Tensor], alpha: float | dict[str, float]) -> dict[str, torch.Tensor]:
+    """Fold each pair's scales (one alpha, or one per producer name) into the model."""
     scales = {}
     for pair in pairs:
-        act, weight = pair.to_producer(absmax[pair.producer_name]), pair.to_producer(pair.weight_absmax())
-        scales[pair.producer_name] = migration_scales(act, weight, alpha)
+        a = alpha[pair.producer_name] if isinstance(alpha, dict) else alpha
+        scales[pair.producer_name] = pair_scales(pair, absmax[pair.producer_name], a)
         pair.apply(scales[pair.producer_name])
     return scales
 
@@ -129,21 +180,35 @@ def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerRe
     def quantize_block(block: CalibrationBlock) -> None:
         layers = block.layers(targets)
         pairs = smoothing_pairs(block.name, block.module, layers, grouped=True)
-        alpha, errors = options.alpha, None
+        alpha, errors, per_pair = options.alpha, None, False
+        alphas: dict[str, float] = {}  # consumer name -> its pair's alpha
         if pairs:
-            absmax = activation_absmax(block, pairs)
-            if alpha == "search":
+            per_pair = alpha == "search" and options.search_scope == "pair"
+            absmax, sample = activation_absmax(block, pairs, options.search_tokens if per_pair else 0)
+            if per_pair:
+                alpha, errors = {}, {}
+                for pair in pairs:
+                    alpha[pair.producer_name], errors[pair.producer_name] = search_pair_alpha(
+                        pair, absmax[pair.producer_name], sample.pop(pair.producer_name), stage, options.alpha_grid
+                    )
+            elif alpha == "search":
                 alpha, errors = search_alpha(block, list(layers), absmax, stage, options)
             smooth(pairs, absmax, alpha)
-            smoothed.extend(name for pair in pairs for name in pair.consumer_names)
+            for pair in pairs:
+                alphas.update({name: alpha[pair.producer_name] if isinstance(alpha, dict) else alpha for name in pair.consumer_names})
+            smoothed.extend(alphas)
         if stage.weights is None:
             return
         for name, linear in layers.items():
             observer = make_observer(stage.weights)
             observer.update(linear.weight.detach().float())
             layer = replace_with_quantized(model, name, linear, stage, qparams=observer.qparams())
-            layer.extra["smoothquant_alpha"] = alpha if name in smoothed else None
-            if errors and name == next(iter(layers)):
+            layer.extra["smoothquant_alpha"] = alphas.get(name)
+            if errors and per_pair:
+                pair_of = next((p.producer_name for p in pairs if name in p.consumer_names), None)
+                if pair_of is not None and name == next(p.consumer_names[0] for p in pairs if p.producer_name == pair_of):
+                    layer.extra["smoothquant_alpha_search"] = errors[pair_of]
+            elif errors and name == next(iter(layers)):
                 layer.extra["smoothquant_alpha_search"] = errors
             results.append(layer)
 

@@ -13,6 +13,7 @@ import torch
 
 CALIBRATION_FRACTION = 0.6
 EVALUATION_FRACTION = 0.2
+ENCODER_MAX_TOKENS = 256  # all-MiniLM-L6-v2's sentence-transformers max_seq_length, as in eval.embedding
 
 
 @lru_cache(maxsize=1)
@@ -33,11 +34,34 @@ def split_tokens(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[: int(n * CALIBRATION_FRACTION)], ids[int(n * (1 - EVALUATION_FRACTION)) :]
 
 
-def calibration_windows(tokenizer, num_samples: int, seq_len: int) -> list[torch.Tensor]:
-    """Consecutive non-overlapping windows from the start of the calibration tokens."""
+def calibration_windows(tokenizer, num_samples: int, seq_len: int, encoder: bool = False) -> list[torch.Tensor]:
+    """Consecutive non-overlapping windows from the start of the calibration tokens.
+
+    An encoder sees each input framed by its special tokens ([CLS] … [SEP] for BERT), and
+    those positions carry activations unlike any other (the [CLS] outlier channels), so with
+    `encoder` each window is framed the same way, and no longer than `ENCODER_MAX_TOKENS`,
+    the length it is evaluated (and, for sentence embedders, used) at.
+    """
     calibration, _ = split_tokens(tokenize_benchmark(tokenizer))
-    count = min(num_samples, calibration.numel() // seq_len)
-    return [calibration[i * seq_len : (i + 1) * seq_len].unsqueeze(0) for i in range(count)]
+    head, tail = _special_frame(tokenizer) if encoder else ([], [])
+    if encoder:
+        seq_len = min(seq_len, ENCODER_MAX_TOKENS)
+    body = seq_len - len(head) - len(tail)
+    if body < 1:
+        raise ValueError(f"calibration seq_len {seq_len} leaves no room between the special tokens")
+    count = min(num_samples, calibration.numel() // body)
+    frame = lambda ids: torch.cat([torch.tensor(head, dtype=ids.dtype), ids, torch.tensor(tail, dtype=ids.dtype)])  # noqa: E731
+    return [frame(calibration[i * body : (i + 1) * body]).unsqueeze(0) for i in range(count)]
+
+
+def _special_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text's own tokens."""
+    marker = tokenizer("a", add_special_tokens=False).input_ids
+    framed = tokenizer("a").input_ids
+    for start in range(len(framed) - len(marker) + 1):
+        if framed[start : start + len(marker)] == marker:
+            return framed[:start], framed[start + len(marker) :]
+    return [], []
 
 
 def evaluation_paragraphs(count: int) -> list[str]:

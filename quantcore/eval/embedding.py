@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantcore.eval.data import evaluation_paragraphs
+from quantcore.eval.data import ENCODER_MAX_TOKENS, evaluation_paragraphs
 
-MAX_SEQ_LEN = 256  # all-MiniLM-L6-v2's sentence-transformers max_seq_length
+MAX_SEQ_LEN = ENCODER_MAX_TOKENS  # all-MiniLM-L6-v2's sentence-transformers max_seq_length
 BATCH = 32
 
 

@@ -110,20 +110,56 @@ def test_smoothed_w8a8_beats_naive_w8a8_on_outlier_activations():
     assert errors["smoothquant"] < 0.7 * errors["naive"], errors
 
 
-def test_alpha_search_keeps_the_best_of_its_grid():
+@pytest.mark.parametrize("scope", ["block", "pair"])
+def test_alpha_search_keeps_the_best_of_its_grid(scope):
     data = samples()
     reference = logits(tiny_llama(outliers=True), data)
     stage = {"algorithm": "smoothquant", "weights": {"type": "int", "bits": 4, "granularity": "channel"}, "activations": A8}
     errors = {}
     for alpha in (0.1, 0.9, "search"):
         model = tiny_llama(outliers=True)
-        options = {"alpha": alpha, "alpha_grid": [0.1, 0.9]}
+        options = {"alpha": alpha, "alpha_grid": [0.1, 0.9], "search_scope": scope}
         results = quantize(model, {"stages": [{**stage, "options": options}]}, calibration=data, compute_dtype="float32")
         errors[alpha] = float((logits(model, data) - reference).norm() / reference.norm())
         if alpha == "search":
             assert set(results[0]["smoothquant_alpha_search"]) == {"0.1", "0.9"}
             assert results[0]["smoothquant_alpha"] in (0.1, 0.9)
     assert errors["search"] <= max(errors[0.1], errors[0.9])
+
+
+def test_pair_search_scores_each_pair_by_its_layers_output_error():
+    """Per pair, the chosen alpha is the grid's argmin of ‖Q(X/s) Q(W s)ᵀ − X Wᵀ‖², here
+    recomputed by hand for down_proj from its float inputs, with the observers written out."""
+    data = samples()
+    model = tiny_llama(outliers=True)
+    block = model.model.layers[0]
+    captured = []
+    hook = block.mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    hook.remove()
+    X = torch.cat(captured)
+    W = block.mlp.down_proj.weight.detach().clone()
+    x_max, w_max = X.abs().amax(dim=0), W.abs().amax(dim=0)
+
+    def by_hand(alpha):
+        s = x_max.clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)
+        Xs, Ws = X / s, W * s
+        xq = Xs.abs().amax(dim=1, keepdim=True) / 127
+        wq = Ws.abs().amax(dim=1, keepdim=True) / 127
+        Xq, Wq = (Xs / xq).round().clamp(-127, 127) * xq, (Ws / wq).round().clamp(-127, 127) * wq
+        return float((Xq @ Wq.T - X @ W.T).pow(2).sum())
+
+    grid = [0.2, 0.5, 0.8, 0.95]
+    stage = {"algorithm": "smoothquant", "weights": W8, "activations": A8,
+             "options": {"alpha": "search", "alpha_grid": grid, "search_tokens": 10_000}}
+    results = quantize(model, {"stages": [stage]}, calibration=data, compute_dtype="float32")
+    down = next(r for r in results if r["name"] == "model.layers.0.mlp.down_proj")
+    assert down["smoothquant_alpha"] == min(grid, key=by_hand)
+    searched = down["smoothquant_alpha_search"]
+    for alpha in grid:
+        assert searched[str(alpha)] == pytest.approx(by_hand(alpha) / X.shape[0], rel=1e-3)
 
 
 def test_bad_stages_are_rejected_naming_the_field():
