@@ -47,6 +47,10 @@ METHODS: dict[str, tuple[str, str, str | dict]] = {
     "awq-w4-g64": (SMOLLM2, "W4 g64", "w4a16-awq-g64"),
     "octav-rtn-w4-g64": (SMOLLM2, "W4 g64", "w4a16-octav-rtn-g64"),
     "best-w4-g64": (SMOLLM2, "W4 g64", "w4a16-best-g64"),
+    "gptq-mse-w4-g64": (SMOLLM2, "W4 g64", {
+        "name": "gptq-act-order-mse-w4-g64",
+        "stages": [{"algorithm": "gptq", "weights": {**G64, "observer": "mse"}, "options": {"act_order": True}}],
+    }),
     "rtn-w3-g64": (SMOLLM2, "W3 g64", "w3a16-rtn-g64"),
     "gptq-w3-g64": (SMOLLM2, "W3 g64", "w3a16-gptq-g64"),
     "rtn-w8a8": (SMOLLM2, "W8A8 (token)", "w8a8-rtn"),
@@ -59,6 +63,11 @@ METHODS: dict[str, tuple[str, str, str | dict]] = {
     "svdquant-w4a4-r32": (SMOLLM2, "W4A4 g64", "w4a4-svdquant-r32"),
     "minilm-smoothquant-w8a8": (MINILM, "W8A8 (token)", _minilm("w8a8-smoothquant")),
     "minilm-gptq-w4-g64": (MINILM, "W4 g64", _minilm("w4a16-gptq-g64")),
+    "minilm-gptq-w4-g64-asym": (MINILM, "W4 g64 asym", {
+        "name": "w4a16-gptq-g64-asym (MiniLM)",
+        "stages": [{"algorithm": "gptq", "weights": {**G64, "symmetric": False}, "options": {"act_order": True},
+                    "ignore": MINILM_IGNORE}],
+    }),
 }
 
 # The LLM PTQ issue's targets: a toolkit's GPTQ on this machine, split and calibration set.
@@ -71,6 +80,7 @@ TARGETS = {
     "svdquant-w4a4-r32": "< smoothquant-rtn-w4a4",
     "minilm-smoothquant-w8a8": "cosine ≥ 0.99",
     "minilm-gptq-w4-g64": "cosine ≥ 0.99",
+    "minilm-gptq-w4-g64-asym": "cosine ≥ 0.99",
 }
 
 

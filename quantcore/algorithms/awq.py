@@ -5,8 +5,12 @@ Weights that meet large activations matter most. Rather than keeping them in hig
 precision, AWQ scales them up before quantization (so their relative rounding error
 shrinks) and scales the activations down by the same factor, per input channel j:
 
-    s_j = mean|X_j|^α,  normalised by sqrt(max s · min s)
+    s_j = mean|X_j|^α / mean|Ŵ_j|^(1−α),  normalised by sqrt(max s · min s)
     W' = W diag(s),  X' = X diag(s)⁻¹    (folded into the preceding norm or linear, `smoothing.py`)
+
+with Ŵ the weights divided by their group's max|W| (the weight term is the reference
+implementation's `duo_scaling`, its default; `duo_scaling: false` gives the paper's
+s_j = mean|X_j|^α).
 
 α is searched on a grid in [0, 1) per (producer, consumers) pair, minimising the
 consumers' output error on calibration data. Then each layer's clipping range is searched:
@@ -45,6 +49,7 @@ class AWQOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     grid: int = Field(20, ge=1, le=100, description="alphas tried: 0, 1/grid, ..., (grid-1)/grid")
+    duo_scaling: bool = Field(True, description="divide by mean|Ŵ_j|^(1−α), the group-normalised weight magnitude")
     clip: bool = Field(True, description="search each group's clipping range")
     clip_grid: int = Field(20, ge=1, le=100, description="clip ratios tried between min_clip_ratio and 1")
     min_clip_ratio: float = Field(0.5, gt=0, lt=1)
@@ -83,13 +88,28 @@ def _fake_quant_weight(W: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     return fake_quant(W, observer.qparams())
 
 
-def search_scale(pair: SmoothingPair, inputs: _Inputs, scheme: QuantScheme, grid: int) -> tuple[torch.Tensor, float, float]:
-    """The s = mean|X|^α of least output error over the pair's consumers; returns (s, α, error)."""
+def normalised_weight_absmean(weights: list[torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
+    """mean_i |W_ij| / max|W| of (i, j)'s quantization group, over the rows of every weight."""
+    W = torch.cat(weights)
+    group = scheme.group_size if scheme.granularity == Granularity.GROUP else W.shape[1]
+    if scheme.granularity == Granularity.TENSOR:
+        return (W.abs() / W.abs().max().clamp(min=1e-6)).mean(dim=0)
+    grouped = W.abs().reshape(W.shape[0], -1, group)
+    return (grouped / grouped.amax(dim=-1, keepdim=True).clamp(min=1e-6)).reshape(W.shape).mean(dim=0)
+
+
+def search_scale(
+    pair: SmoothingPair, inputs: _Inputs, scheme: QuantScheme, grid: int, duo_scaling: bool = True
+) -> tuple[torch.Tensor, float, float]:
+    """The s of least output error over the pair's consumers; returns (s, α, error)."""
     weights = [c.weight.detach().float() for c in pair.consumers]
+    w_mean = normalised_weight_absmean(weights, scheme) if duo_scaling else None
     best = (torch.ones(pair.channels), 0.0, float("inf"))
     for step in range(grid):
         alpha = step / grid
         s = inputs.absmean.clamp(min=1e-4).pow(alpha)
+        if w_mean is not None:
+            s = (s / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         error = sum(float(inputs.output_error(W - _fake_quant_weight(W * s, scheme) / s)) for W in weights)
         if error < best[2]:
@@ -149,7 +169,7 @@ def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerRe
 
         alphas = {}
         for pair in smoothing_pairs(block.name, block.module, set(layers)):
-            s, alpha, _ = search_scale(pair, inputs[pair.consumer_names[0]], stage.weights, options.grid)
+            s, alpha, _ = search_scale(pair, inputs[pair.consumer_names[0]], stage.weights, options.grid, options.duo_scaling)
             pair.apply(s)
             inputs[pair.consumer_names[0]].rescale(s)
             alphas.update({name: alpha for name in pair.consumer_names})

@@ -59,7 +59,8 @@ def direct_error(X, W, W_hat):
     return float((X @ (W - W_hat).T).pow(2).sum())
 
 
-def test_scale_search_matches_a_direct_search_on_the_real_outputs():
+@pytest.mark.parametrize("duo_scaling", [False, True])
+def test_scale_search_matches_a_direct_search_on_the_real_outputs(duo_scaling):
     X, W = layer_with_salient_inputs()
     scheme = QuantScheme(bits=3, granularity="group", group_size=8)
     producer = nn.LayerNorm(32)
@@ -67,7 +68,10 @@ def test_scale_search_matches_a_direct_search_on_the_real_outputs():
     consumer.weight.data = W.clone()
     pair = SmoothingPair("p", producer, ["c"], [consumer])
     inputs = _Inputs(X.T @ X, X.abs().mean(dim=0))
-    s, alpha, _ = search_scale(pair, inputs, scheme, grid=10)
+    s, alpha, _ = search_scale(pair, inputs, scheme, grid=10, duo_scaling=duo_scaling)
+    # the reference implementation's weight term: |W| over its group's max, averaged over rows
+    w_mean = torch.stack([(W[:, g:g + 8].abs() / W[:, g:g + 8].abs().amax(dim=1, keepdim=True)) for g in range(0, 32, 8)], 1)
+    w_mean = w_mean.reshape(W.shape[0], 32).mean(dim=0)
 
     def quantized(Wx):
         from quantcore.observers import make_observer
@@ -79,6 +83,8 @@ def test_scale_search_matches_a_direct_search_on_the_real_outputs():
     for step in range(10):  # the paper's search, written out on X itself
         a = step / 10
         t = X.abs().mean(dim=0).pow(a)
+        if duo_scaling:
+            t = t / (w_mean.pow(1 - a) + 1e-4)
         t = t / (t.max() * t.min()).sqrt()
         errors[a] = direct_error(X, W, quantized(W * t) / t)
     assert alpha == min(errors, key=errors.get)

@@ -153,7 +153,7 @@ def test_pair_search_scores_each_pair_by_its_layers_output_error():
 
     grid = [0.2, 0.5, 0.8, 0.95]
     stage = {"algorithm": "smoothquant", "weights": W8, "activations": A8,
-             "options": {"alpha": "search", "alpha_grid": grid, "search_tokens": 10_000}}
+             "options": {"alpha": "search", "search_scope": "pair", "alpha_grid": grid, "search_tokens": 10_000}}
     results = quantize(model, {"stages": [stage]}, calibration=data, compute_dtype="float32")
     down = next(r for r in results if r["name"] == "model.layers.0.mlp.down_proj")
     assert down["smoothquant_alpha"] == min(grid, key=by_hand)
