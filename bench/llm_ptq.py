@@ -149,8 +149,16 @@ def main() -> int:
         model = METHODS[method][0]
         baseline[model] = result["metrics"]["baseline"]
         print(f"{method}: {_metric(result)}, quantize {result['timings']['quantize_s']:.1f} s, "
+              f"quantize-stage peak RSS {result['quantize_peak_rss'] / 1e9:.2f} GB, "
               f"peak RSS {result['peak_rss'] / 1e9:.2f} GB", flush=True)
+        table = _table(rows, baseline)
+        if args.results:  # after every row: an interrupted run keeps what it measured
+            write_section(args.results, "LLM PTQ on SmolLM2-135M", header, table, " ".join(["python"] + sys.argv))
+    print("\n" + _table(rows, baseline))
+    return 0
 
+
+def _table(rows: list[dict], baseline: dict) -> str:
     lines = []
     if SMOLLM2 in baseline:
         lines.append(f"SmolLM2-135M fp32 perplexity: {baseline[SMOLLM2]['perplexity']:.3f} (reference 11.81)")
@@ -169,11 +177,7 @@ def main() -> int:
         lines.append("")
         lines.append(f"fp32 parameter bytes: {rows[0]['float32_parameter_bytes'] / 1e9:.3f} GB; "
                      f"calibration forwards in {rows[0]['compute_dtype']} (auto picks bfloat16 only where it is faster)")
-    table = "\n".join(lines)
-    print("\n" + table)
-    if args.results:
-        write_section(args.results, "LLM PTQ on SmolLM2-135M", header, table, " ".join(["python"] + sys.argv))
-    return 0
+    return "\n".join(lines)
 
 
 def _metric(result: dict) -> str:

@@ -156,8 +156,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "stages": [{"algorithm": "awq", "weights": _w(4, "group", 64)}],
     },
     "w4a16-best-g64": {
-        # AWQ's clipping before GPTQ made it worse (14.26 vs GPTQ's 13.47 on SmolLM2): GPTQ then
-        # reproduces the clipped weights, not the model's. Only AWQ's scales are kept.
+        # SmolLM2, DESIGN.md split: 13.12 (GPTQ act-order alone 13.47, RTN 16.96). AWQ's clipping
+        # before GPTQ made it worse (14.26): GPTQ then reproduces the clipped weights, not the
+        # model's, so only AWQ's scales are kept.
         "description": "int4 group-64: AWQ's activation-aware scales folded into norms, then GPTQ with act-order",
         "stages": [
             {"algorithm": "awq", "weights": _w(4, "group", 64), "options": {"quantize": False, "clip": False}},
