@@ -174,9 +174,12 @@ def _table(rows: list[dict], baseline: dict) -> str:
             f"{r['quantize_peak_rss'] / 1e9:.2f} | {r['peak_rss'] / 1e9:.2f} | {TARGETS.get(r['method'], '')} |"
         )
     if rows:
+        sizes = {}
+        for r in rows:
+            sizes.setdefault(METHODS[r["method"]][0].split(":")[1], r["float32_parameter_bytes"])
         lines.append("")
-        lines.append(f"fp32 parameter bytes: {rows[0]['float32_parameter_bytes'] / 1e9:.3f} GB; "
-                     f"calibration forwards in {rows[0]['compute_dtype']} (auto picks bfloat16 only where it is faster)")
+        lines.append("fp32 parameter bytes: " + ", ".join(f"{m} {b / 1e9:.3f} GB" for m, b in sizes.items())
+                     + f"; calibration forwards in {rows[0]['compute_dtype']} (auto picks bfloat16 only where it is faster)")
     return "\n".join(lines)
 
 
