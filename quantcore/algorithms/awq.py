@@ -37,7 +37,7 @@ from torch import nn
 from quantcore.algorithms.base import LayerResult, StageContext, replace_with_quantized
 from quantcore.algorithms.gptq_stage import accumulate_hessians, calibrated_targets
 from quantcore.algorithms.smoothing import SmoothingPair, smoothing_pairs
-from quantcore.observers import make_observer
+from quantcore.observers import fake_quant_weight, make_observer
 from quantcore.pipeline import CalibrationBlock, run_blockwise
 from quantcore.qparams import fake_quant, qparams_from_range
 from quantcore.recipe import Stage
@@ -82,12 +82,6 @@ class _Inputs:
         self.absmean = self.absmean / s
 
 
-def _fake_quant_weight(W: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    observer = make_observer(scheme)
-    observer.update(W)
-    return fake_quant(W, observer.qparams())
-
-
 def normalised_weight_absmean(weights: list[torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
     """mean_i |W_ij| / max|W| of (i, j)'s quantization group, over the rows of every weight."""
     W = torch.cat(weights)
@@ -111,7 +105,7 @@ def search_scale(
         if w_mean is not None:
             s = (s / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        error = sum(float(inputs.output_error(W - _fake_quant_weight(W * s, scheme) / s)) for W in weights)
+        error = sum(float(inputs.output_error(W - fake_quant_weight(W * s, scheme) / s)) for W in weights)
         if error < best[2]:
             best = (s, alpha, error)
     return best

@@ -37,9 +37,8 @@ from quantcore.algorithms.base import LayerResult, StageContext, replace_with_qu
 from quantcore.algorithms.gptq_stage import calibrated_targets
 from quantcore.algorithms.smoothing import SmoothingPair, migration_scales, smoothing_pairs
 from quantcore.modules.quantized_linear import QuantizedLinear, fake_quant_activations
-from quantcore.observers import make_observer
+from quantcore.observers import fake_quant_weight, make_observer
 from quantcore.pipeline import CalibrationBlock, compute_copy, run_block, run_blockwise
-from quantcore.qparams import fake_quant
 from quantcore.recipe import Stage
 from quantcore.registry import Algorithm, register
 from quantcore.targets import set_module
@@ -111,23 +110,18 @@ def search_pair_alpha(
     """The alpha of the grid whose smoothed, quantized consumers best reproduce X Wᵀ on the rows X."""
     weights = [c.weight.detach().float() for c in pair.consumers]
     expected = [X @ W.T for W in weights]
+    act_max, weight_max = pair.to_producer(absmax), pair.to_producer(pair.weight_absmax())
     errors = {}
     for alpha in grid:
-        wide = pair.to_consumer(pair_scales(pair, absmax, alpha))
+        wide = pair.to_consumer(migration_scales(act_max, weight_max, alpha))
         Xs = X / wide
         if stage.activations is not None:
             Xs = fake_quant_activations(Xs, stage.activations)
         errors[str(alpha)] = sum(
-            float((Xs @ _fake_quant_weight(W * wide, stage).T - want).pow(2).sum()) for W, want in zip(weights, expected)
+            float((Xs @ fake_quant_weight(W * wide, stage.weights).T - want).pow(2).sum()) for W, want in zip(weights, expected)
         ) / X.shape[0]
     best = min(errors, key=errors.get)
     return float(best), errors
-
-
-def _fake_quant_weight(W: torch.Tensor, stage: Stage) -> torch.Tensor:
-    observer = make_observer(stage.weights)
-    observer.update(W)
-    return fake_quant(W, observer.qparams())
 
 
 def smooth(pairs: list[SmoothingPair], absmax: dict[str, torch.Tensor], alpha: float | dict[str, float]) -> dict[str, torch.Tensor]:
@@ -183,6 +177,7 @@ def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerRe
         pairs = smoothing_pairs(block.name, block.module, layers, grouped=True)
         alpha, errors, per_pair = options.alpha, None, False
         alphas: dict[str, float] = {}  # consumer name -> its pair's alpha
+        first_consumer = {pair.consumer_names[0]: pair.producer_name for pair in pairs}
         if pairs:
             per_pair = alpha == "search" and options.search_scope == "pair"
             absmax, sample = activation_absmax(block, pairs, options.search_tokens if per_pair else 0)
@@ -206,9 +201,8 @@ def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerRe
             layer = replace_with_quantized(model, name, linear, stage, qparams=observer.qparams())
             layer.extra["smoothquant_alpha"] = alphas.get(name)
             if errors and per_pair:
-                pair_of = next((p.producer_name for p in pairs if name in p.consumer_names), None)
-                if pair_of is not None and name == next(p.consumer_names[0] for p in pairs if p.producer_name == pair_of):
-                    layer.extra["smoothquant_alpha_search"] = errors[pair_of]
+                if name in first_consumer:  # each pair's search, reported once, on its first layer
+                    layer.extra["smoothquant_alpha_search"] = errors[first_consumer[name]]
             elif errors and name == next(iter(layers)):
                 layer.extra["smoothquant_alpha_search"] = errors
             results.append(layer)

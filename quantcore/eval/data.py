@@ -50,8 +50,8 @@ def calibration_windows(tokenizer, num_samples: int, seq_len: int, encoder: bool
     if body < 1:
         raise ValueError(f"calibration seq_len {seq_len} leaves no room between the special tokens")
     count = min(num_samples, calibration.numel() // body)
-    frame = lambda ids: torch.cat([torch.tensor(head, dtype=ids.dtype), ids, torch.tensor(tail, dtype=ids.dtype)])  # noqa: E731
-    return [frame(calibration[i * body : (i + 1) * body]).unsqueeze(0) for i in range(count)]
+    before, after = torch.tensor(head, dtype=calibration.dtype), torch.tensor(tail, dtype=calibration.dtype)
+    return [torch.cat([before, calibration[i * body : (i + 1) * body], after]).unsqueeze(0) for i in range(count)]
 
 
 def _special_frame(tokenizer) -> tuple[list[int], list[int]]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from quantcore.qparams import QParams, grouped_view, qparams_from_range
+from quantcore.qparams import QParams, fake_quant, grouped_view, qparams_from_range
 from quantcore.schemes import QuantScheme
 
 
@@ -109,8 +109,16 @@ def make_observer(scheme: QuantScheme, **options: Any) -> Observer:
     return OBSERVERS[name](scheme, **options)
 
 
+def fake_quant_weight(W: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """W rounded to `scheme`'s grid, with the range its observer picks from W alone."""
+    observer = make_observer(scheme)
+    observer.update(W)
+    return fake_quant(W, observer.qparams())
+
+
 __all__ = [
     "OBSERVERS",
+    "fake_quant_weight",
     "HistogramObserver",
     "MSEObserver",
     "MinMaxObserver",
