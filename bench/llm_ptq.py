@@ -55,6 +55,7 @@ METHODS: dict[str, tuple[str, str, str | dict]] = {
     "gptq-w3-g64": (SMOLLM2, "W3 g64", "w3a16-gptq-g64"),
     "rtn-w8a8": (SMOLLM2, "W8A8 (token)", "w8a8-rtn"),
     "smoothquant-w8a8": (SMOLLM2, "W8A8 (token)", "w8a8-smoothquant"),
+    "smoothquant-w8a8-static": (SMOLLM2, "W8A8 (static tensor)", "w8a8-smoothquant-static"),
     "smoothquant-rtn-w4a4": (SMOLLM2, "W4A4 g64", {
         "name": "smoothquant-then-rtn-w4a4",
         "stages": [{"algorithm": "smoothquant", "options": {"alpha": 0.5}},

@@ -30,7 +30,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -198,11 +198,8 @@ class CalibrationBlock:
     def forward(self, observe: dict[str, Callable[[torch.Tensor], None]] | None = None) -> None:
         """Run every calibration input through the block, calling `observe[name](x)` with the
         input of the block's layer `name` (a full module name) each time that layer runs."""
-        work = compute_copy(self.module, self.compute_dtype)
-        hooks = {name: work.get_submodule(name[len(self.name) + 1 :]) for name in (observe or {})}
-        with torch.no_grad(), observe_inputs(hooks, lambda name, x: observe[name](x)):
-            for hidden, kwargs in zip(self.inputs.hidden, self.inputs.kwargs):
-                run_block(work, hidden, kwargs)
+        relative = {name[len(self.name) + 1 :]: fn for name, fn in (observe or {}).items()}
+        forward_observed(self.module, zip(self.inputs.hidden, self.inputs.kwargs), relative, self.compute_dtype)
 
     def advance(self) -> None:
         """Replace each cached input by the block's output (as the block is now), one sample
@@ -212,6 +209,21 @@ class CalibrationBlock:
         with torch.no_grad():
             for i, kwargs in enumerate(self.inputs.kwargs):
                 hidden[i] = run_block(work, hidden[i], kwargs)
+
+
+def forward_observed(
+    block: nn.Module,
+    samples: Iterable[tuple[torch.Tensor, dict[str, Any]]],
+    observe: dict[str, Callable[[torch.Tensor], None]],
+    compute_dtype: torch.dtype,
+) -> None:
+    """Run (hidden, kwargs) samples through a compute copy of `block`, calling `observe[name](x)`
+    with the input of its submodule `name` (relative to the block) each time that one runs."""
+    work = compute_copy(block, compute_dtype)
+    hooks = {name: work.get_submodule(name) for name in observe}
+    with torch.no_grad(), observe_inputs(hooks, lambda name, x: observe[name](x)):
+        for hidden, kwargs in samples:
+            run_block(work, hidden, kwargs)
 
 
 @functools.lru_cache(maxsize=None)

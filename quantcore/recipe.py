@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from quantcore.schemes import Granularity, QuantScheme
+from quantcore.schemes import Granularity, QuantScheme, check_activation_scheme
 
 SUPPORTED_TARGETS = ("Linear",)
 
@@ -57,6 +57,13 @@ class Stage(BaseModel):
                 raise ValueError("weights are quantized once, ahead of time: dynamic must be false")
             if v.granularity == Granularity.TOKEN:
                 raise ValueError("granularity 'token' is for activations; use tensor, channel or group for weights")
+        return v
+
+    @field_validator("activations")
+    @classmethod
+    def _activations_granularity(cls, v: QuantScheme | None) -> QuantScheme | None:
+        if v is not None:
+            check_activation_scheme(v)
         return v
 
     @model_validator(mode="after")
@@ -107,6 +114,7 @@ def _w(bits: int, granularity: str = "channel", group_size: int | None = None, s
 
 
 _A8_TOKEN = {"type": "int", "bits": 8, "symmetric": True, "granularity": "token", "dynamic": True}
+_A8_STATIC = {"type": "int", "bits": 8, "symmetric": True, "granularity": "tensor", "dynamic": False}
 _A4_G64 = {"type": "int", "bits": 4, "symmetric": True, "granularity": "group", "group_size": 64, "dynamic": True}
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -169,6 +177,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "description": "SmoothQuant: outliers migrated into the weights (folded into norms), int8 per-channel weights, "
         "int8 per-token dynamic activations",
         "stages": [{"algorithm": "smoothquant", "weights": _w(8), "activations": _A8_TOKEN, "options": {"alpha": 0.5}}],
+    },
+    "w8a8-smoothquant-static": {
+        "description": "SmoothQuant with int8 per-channel weights and int8 static per-tensor activations: each layer's "
+        "input scale calibrated (max) on the smoothed model and stored in the artifact",
+        "stages": [{"algorithm": "smoothquant", "weights": _w(8), "activations": _A8_STATIC, "options": {"alpha": 0.5}}],
     },
     "w4a4-svdquant-r32": {
         "description": "SVDQuant: smoothing, a rank-32 16-bit low-rank branch, int4 residual weights and int4 activations "

@@ -101,3 +101,13 @@ class QuantScheme(BaseModel):
         side = "sym" if self.symmetric else "asym"
         gran = f"g{self.group_size}" if self.granularity == Granularity.GROUP else self.granularity.value
         return f"{kind}-{side}-{gran}" + ("-dyn" if self.dynamic else "")
+
+
+def check_activation_scheme(scheme: QuantScheme) -> None:
+    """Static (calibrated) activation scales are one per tensor: a layer's input has no fixed
+    rows to give their own S, and per-input-channel S belongs to smoothing, not to the grid."""
+    if not scheme.dynamic and scheme.granularity != Granularity.TENSOR:
+        raise ValueError(
+            f"static activation quantization is per tensor: use granularity 'tensor' with dynamic: false, "
+            f"or dynamic: true for '{scheme.granularity.value}'"
+        )

@@ -11,8 +11,11 @@ from torch import nn
 
 from quantcore.eval.layer_error import sqnr_db
 from quantcore.modules.quantized_linear import QuantizedLinear
+from quantcore.observers import make_observer
+from quantcore.pipeline import forward_observed
 from quantcore.qparams import QParams
 from quantcore.recipe import Stage
+from quantcore.schemes import QuantScheme
 from quantcore.targets import set_module
 
 
@@ -58,11 +61,14 @@ def replace_with_quantized(
     stage: Stage,
     qparams: QParams | None = None,
     weight: torch.Tensor | None = None,
+    input_qparams: QParams | None = None,
 ) -> LayerResult:
-    """Swap `linear` for a QuantizedLinear and measure the weight error against the original float weight."""
+    """Swap `linear` for a QuantizedLinear and measure the weight error against the original
+    float weight. A static activation scheme needs the layer's calibrated `input_qparams`."""
     assert stage.weights is not None
     qlinear = QuantizedLinear.from_float(
-        linear, stage.weights, stage.activations, qparams=qparams, weight=weight, scale_dtype=getattr(torch, stage.scale_dtype)
+        linear, stage.weights, stage.activations, qparams=qparams, weight=weight,
+        scale_dtype=getattr(torch, stage.scale_dtype), input_qparams=input_qparams,
     )
     error = sqnr_db(linear.weight.detach().float(), qlinear.dequantize_weight())
     set_module(model, name, qlinear)
@@ -75,3 +81,23 @@ def replace_with_quantized(
         float16_bytes=linear.weight.numel() * 2,
         quantized_bytes=qlinear.storage_bytes(),
     )
+
+
+def is_static(activations: QuantScheme | None) -> bool:
+    """Does this activation scheme need scales calibrated ahead of time?"""
+    return activations is not None and not activations.dynamic
+
+
+def calibrate_inputs(
+    block: nn.Module, names: list[str], samples, scheme: QuantScheme, compute_dtype: torch.dtype
+) -> dict[str, QParams]:
+    """Static activation qparams for the layers `names` (relative to `block`): the scheme's
+    observer folded over each layer's inputs as the block now computes them, on `samples`
+    ((hidden, kwargs) pairs). One forward pass over the samples."""
+    observers = {name: make_observer(scheme) for name in names}
+
+    def observer(name: str):
+        return lambda x: observers[name].update(x.reshape(-1, x.shape[-1]).float())
+
+    forward_observed(block, samples, {name: observer(name) for name in names}, compute_dtype)
+    return {name: obs.qparams() for name, obs in observers.items()}

@@ -20,7 +20,10 @@ block (11.94) or a fixed 0.5 (11.94): layer error is not what the model's loss s
 
 Then, when the stage has a weight scheme, every targeted Linear of the block is quantized
 round-to-nearest: W8A8 with per-channel weights and per-token dynamic activations runs
-real int8 matmuls on CPU (`QuantizedLinear`). Without a weight scheme the stage only
+real int8 matmuls on CPU (`QuantizedLinear`). Static activations (`dynamic: false`,
+per tensor) get their scale from the scheme's observer run over each layer's inputs in the
+smoothed float block, on all calibration samples (the paper's static setting, O1-O3);
+the pair-scope search scores each alpha with the min-max scale of its token sample instead. Without a weight scheme the stage only
 smooths, for a later stage (e.g. GPTQ) to quantize.
 """
 
@@ -33,12 +36,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from quantcore.algorithms.base import LayerResult, StageContext, replace_with_quantized
+from quantcore.algorithms.base import LayerResult, StageContext, calibrate_inputs, is_static, replace_with_quantized
 from quantcore.algorithms.gptq_stage import calibrated_targets
 from quantcore.algorithms.smoothing import SmoothingPair, migration_scales, smoothing_pairs
 from quantcore.modules.quantized_linear import QuantizedLinear, fake_quant_activations
 from quantcore.observers import fake_quant_weight, make_observer
 from quantcore.pipeline import CalibrationBlock, compute_copy, run_block, run_blockwise
+from quantcore.qparams import QParams
 from quantcore.recipe import Stage
 from quantcore.registry import Algorithm, register
 from quantcore.targets import set_module
@@ -67,8 +71,6 @@ def check_stage(stage: Stage) -> None:
     if options.alpha == "search" and stage.weights is None:
         raise ValueError("options.alpha: 'search' scores the quantized block, so it needs a 'weights' scheme")
     act = stage.activations
-    if act is not None and not act.dynamic:
-        raise ValueError("activations: static activation scales are not supported yet; set dynamic: true")
     if act is not None and stage.weights is None:
         raise ValueError("activations: quantizing activations needs a 'weights' scheme in the same stage")
 
@@ -134,14 +136,16 @@ def smooth(pairs: list[SmoothingPair], absmax: dict[str, torch.Tensor], alpha: f
     return scales
 
 
-def _quantize_copy(module: nn.Module, names: list[str], stage: Stage) -> None:
-    """Round-to-nearest quantize `names` (relative to `module`) in place, as the stage would."""
+def _quantize_copy(module: nn.Module, names: list[str], stage: Stage, inputs: dict[str, QParams]) -> None:
+    """Round-to-nearest quantize `names` (relative to `module`) in place, as the stage would;
+    `inputs` holds their static activation qparams, if the scheme has them."""
     for name in names:
         linear = module.get_submodule(name)
         observer = make_observer(stage.weights)
         observer.update(linear.weight.detach().float())
         qlinear = QuantizedLinear.from_float(
-            linear, stage.weights, stage.activations, observer.qparams(), getattr(torch, stage.scale_dtype)
+            linear, stage.weights, stage.activations, observer.qparams(), getattr(torch, stage.scale_dtype),
+            input_qparams=inputs.get(name),
         )
         set_module(module, name, qlinear)
 
@@ -157,7 +161,10 @@ def search_alpha(block: CalibrationBlock, layers: list[str], absmax: dict, stage
         for alpha in options.alpha_grid:
             candidate = copy.deepcopy(block.module)
             smooth(smoothing_pairs(block.name, candidate, set(layers), grouped=True), absmax, alpha)
-            _quantize_copy(candidate, relative, stage)
+            inputs = {}
+            if is_static(stage.activations):  # the static scales this alpha's smoothing would get
+                inputs = calibrate_inputs(candidate, relative, samples, stage.activations, block.compute_dtype)
+            _quantize_copy(candidate, relative, stage, inputs)
             work = compute_copy(candidate, block.compute_dtype)
             errors[alpha] = sum(
                 float((run_block(work, h, kw).float() - want).pow(2).mean()) for (h, kw), want in zip(samples, expected)
@@ -195,10 +202,16 @@ def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerRe
             smoothed.extend(alphas)
         if stage.weights is None:
             return
+        inputs = {}
+        if is_static(stage.activations):  # calibrated on the smoothed float block, as the paper's static mode
+            relative = {name: name[len(block.name) + 1 :] for name in layers}
+            samples = zip(block.inputs.hidden, block.inputs.kwargs)
+            calibrated = calibrate_inputs(block.module, list(relative.values()), samples, stage.activations, block.compute_dtype)
+            inputs = {name: calibrated[rel] for name, rel in relative.items()}
         for name, linear in layers.items():
             observer = make_observer(stage.weights)
             observer.update(linear.weight.detach().float())
-            layer = replace_with_quantized(model, name, linear, stage, qparams=observer.qparams())
+            layer = replace_with_quantized(model, name, linear, stage, qparams=observer.qparams(), input_qparams=inputs.get(name))
             layer.extra["smoothquant_alpha"] = alphas.get(name)
             if errors and per_pair:
                 if name in first_consumer:  # each pair's search, reported once, on its first layer

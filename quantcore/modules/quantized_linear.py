@@ -6,6 +6,9 @@ Storage (what goes into the artifact's safetensors):
     scale        S per group, float16 by default, shaped like the weight's grouped view
     zero_point   Z per group (asymmetric grids only), uint8
     bias         float, as in the source layer
+    input_scale  static activation schemes only: the calibrated per-tensor S of the input,
+                 float32, shape (1,) (and `input_zero_point`, uint8, for asymmetric grids);
+                 the names compressed-tensors gives them
 
 Two ways to compute:
 * reference: dequantize the weight (x̂ = (q - Z)·S) and run a float matmul; activations,
@@ -14,7 +17,9 @@ Two ways to compute:
 * W8A8 on CPU: int8 per-channel symmetric weights × int8 per-token dynamic activations
   through PyTorch's fbgemm dynamic quantized linear, which really multiplies in int8.
   fbgemm chooses one activation scale per call; dividing each token by its own absmax
-  first (and multiplying the output back) makes that scale per token.
+  first (and multiplying the output back) makes that scale per token. Static activation
+  scales (calibrated, `input_scale`) run the reference path: PyTorch's static-input int8
+  op did not reproduce the reference on this CPU (10 % error in our check), so it is not used.
 
 The reference path is the default, so a model computes the same numbers on every machine
 and the report's metrics describe the scheme, not the CPU. `enable_fast_path(model)` turns
@@ -36,7 +41,7 @@ from torch import nn
 
 from quantcore.packing import pack_codes, unpack_codes
 from quantcore.qparams import QParams, calculate_qparams, fake_quant, grouped_view, quantize
-from quantcore.schemes import Granularity, QuantScheme, QuantType
+from quantcore.schemes import Granularity, QuantScheme, QuantType, check_activation_scheme
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +62,13 @@ def _is_w8a8_int(weight: QuantScheme, act: QuantScheme | None) -> bool:
     )
 
 
-def fake_quant_activations(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """Dynamic activation quantization, per call: S/Z per tensor, per token, or per group of
-    inputs within each token; computed in float32 and returned in x's dtype."""
+def fake_quant_activations(x: torch.Tensor, scheme: QuantScheme, static: QParams | None = None) -> torch.Tensor:
+    """Activation quantization: with `static` qparams (calibrated ahead of time, per tensor)
+    on that fixed grid; otherwise per call, S/Z per tensor, per token, or per group of inputs
+    within each token. Computed in float32 and returned in x's dtype."""
     tokens = x.reshape(-1, x.shape[-1]).float()
-    return fake_quant(tokens, calculate_qparams(tokens, scheme)).reshape(x.shape).to(x.dtype)
+    qp = static if static is not None else calculate_qparams(tokens, scheme)
+    return fake_quant(tokens, qp).reshape(x.shape).to(x.dtype)
 
 
 def fast_path_available() -> bool:
@@ -103,6 +110,14 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("bias", torch.empty(out_features))
         else:
             self.bias = None
+        if activation_scheme is not None:
+            check_activation_scheme(activation_scheme)
+        static = activation_scheme is not None and not activation_scheme.dynamic
+        # Registered (as None when unused) so that assigning a tensor later keeps them buffers.
+        self.register_buffer("input_scale", torch.ones(1) if static else None)
+        self.register_buffer(
+            "input_zero_point", torch.zeros(1, dtype=torch.uint8) if static and not activation_scheme.symmetric else None
+        )
         self._packed_int8 = None  # fbgemm prepacked weight, built lazily, never saved
         self.use_fast_path = False  # see the module docstring
 
@@ -116,9 +131,11 @@ class QuantizedLinear(nn.Module):
         qparams: QParams | None = None,
         scale_dtype: torch.dtype = DEFAULT_SCALE_DTYPE,
         weight: torch.Tensor | None = None,
+        input_qparams: QParams | None = None,
     ) -> "QuantizedLinear":
         """Quantize `linear` (or `weight`, e.g. one an algorithm already adjusted) with `qparams`
-        (min-max of the weight when not given)."""
+        (min-max of the weight when not given). A static activation scheme needs the input's
+        calibrated `input_qparams` (see `quantcore.algorithms.base.calibrate_inputs`)."""
         w = (linear.weight if weight is None else weight).detach().float()
         qp = qparams or calculate_qparams(w, weight_scheme, scale_dtype)
         # Store S at its storage precision and choose codes against that stored value.
@@ -132,7 +149,28 @@ class QuantizedLinear(nn.Module):
             mod.zero_point = qp.zero_point.reshape(mod.zero_point.shape).to(torch.uint8)
         if linear.bias is not None:
             mod.bias = linear.bias.detach().float().clone()
+        if mod.input_scale is not None:
+            if input_qparams is None:
+                raise ValueError("a static activation scheme needs input_qparams calibrated on the layer's inputs")
+            mod.set_input_qparams(input_qparams)
         return mod
+
+    def set_input_qparams(self, qparams: QParams) -> None:
+        """Store the calibrated per-tensor S (and Z) of a static activation scheme."""
+        if self.input_scale is None:
+            raise ValueError("this layer quantizes its activations per call (or not at all): it has no static input scale")
+        if qparams.scale.numel() != 1:
+            raise ValueError(f"static activation qparams are per tensor, got {qparams.scale.numel()} scales")
+        self.input_scale = qparams.scale.detach().float().reshape(1).clone()
+        if self.input_zero_point is not None:
+            self.input_zero_point = qparams.zero_point.detach().reshape(1).to(torch.uint8)
+
+    def input_qparams(self) -> QParams | None:
+        """The static activation qparams, or None when activations are dynamic or float."""
+        if self.input_scale is None:
+            return None
+        zero = self.input_zero_point.float() if self.input_zero_point is not None else torch.zeros(1)
+        return QParams(scale=self.input_scale.float(), zero_point=zero, scheme=self.activation_scheme)
 
     @staticmethod
     def _pack(q: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
@@ -172,7 +210,7 @@ class QuantizedLinear(nn.Module):
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_scheme is not None:
-            x = fake_quant_activations(x, self.activation_scheme)
+            x = fake_quant_activations(x, self.activation_scheme, self.input_qparams())
         w = self.dequantize_weight(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w, bias)
@@ -213,28 +251,38 @@ class QuantizedLinear(nn.Module):
     def compute_module(self, dtype: torch.dtype) -> nn.Module:
         """This layer's computation with the weight dequantized once, in `dtype`: what the
         calibration pipeline runs for the blocks after this one."""
-        return DequantizedLinear(self.dequantize_weight(dtype), self.bias, self.activation_scheme)
+        return DequantizedLinear(self.dequantize_weight(dtype), self.bias, self.activation_scheme, self.input_qparams())
 
     def extra_repr(self) -> str:
         act = self.activation_scheme.short_name() if self.activation_scheme else "float"
+        if self.input_scale is not None:
+            act += f" (S={float(self.input_scale):.4g})"
         return f"in={self.in_features}, out={self.out_features}, weight={self.weight_scheme.short_name()}, act={act}"
 
     def storage_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in (self.qweight, self.scale, self.zero_point) if b is not None)
+        buffers = (self.qweight, self.scale, self.zero_point, self.input_scale, self.input_zero_point)
+        return sum(b.numel() * b.element_size() for b in buffers if b is not None)
 
 
 class DequantizedLinear(nn.Module):
     """A fixed dequantized weight, with the activation quantization of its QuantizedLinear."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation_scheme: QuantScheme | None) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        activation_scheme: QuantScheme | None,
+        input_qparams: QParams | None = None,
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.to(weight.dtype), requires_grad=False)
         self.activation_scheme = activation_scheme
+        self.input_qparams = input_qparams
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_scheme is not None:
-            x = fake_quant_activations(x, self.activation_scheme)
+            x = fake_quant_activations(x, self.activation_scheme, self.input_qparams)
         return F.linear(x, self.weight, self.bias)
 
 
