@@ -127,27 +127,37 @@ class GPTQ:
         H += damp * torch.mean(torch.diag(H)) * torch.eye(columns)
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-        Q = torch.zeros_like(W)
+        # Work on Wᵀ: one column of W is then one contiguous row, which is what the loop reads
+        # and updates once per column. Python ints and floats for what the loop only indexes.
+        WT = W.T.contiguous()
+        QT = torch.empty_like(WT)
         losses = torch.zeros(rows)
+        groups_of = [int(c) // group for c in original_column.tolist()]
+        starts_group = [not fixed and int(c) % group == 0 for c in original_column.tolist()]
+        symmetric = scheme.symmetric
+        qmin, qmax = scheme.qmin, scheme.qmax
+        scaleT, zeroT = scale.T.contiguous(), zero.T.contiguous()  # (groups, rows)
         for start in range(0, columns, block_size):
             end = min(start + block_size, columns)
-            W1, U1 = W[:, start:end].clone(), U[start:end, start:end]
-            E1 = torch.zeros_like(W1)
+            W1, U1 = WT[start:end].clone(), U[start:end, start:end]
+            E1 = torch.zeros_like(W1)  # (w − q) / U_ii of each column of the block
+            diagonal = U1.diagonal().tolist()
             for i in range(end - start):
-                column = int(original_column[start + i])
-                g = column // group
-                if not fixed and column % group == 0:
-                    set_group(g, _current_group(W, W1, E1, U, start, i, group))
-                w, d = W1[:, i], U1[i, i]
+                g = groups_of[start + i]
+                if starts_group[start + i]:
+                    set_group(g, _current_group(WT, W1, E1, U, start, i, group).T)
+                    scaleT[g], zeroT[g] = scale[:, g], zero[:, g]
+                w, q = W1[i], QT[start + i]
                 # qparams.fake_quant written out for one column: this loop runs once per column
-                q = (torch.round(w / scale[:, g]) + zero[:, g]).clamp(scheme.qmin, scheme.qmax)
-                q = (q - zero[:, g]) * scale[:, g]
-                Q[:, start + i] = q
-                losses += (w - q) ** 2 / d**2 / 2
-                err = (w - q) / d
-                W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
-                E1[:, i] = err
-            W[:, end:] -= E1 @ U[start:end, end:]
+                if symmetric:
+                    torch.div(w, scaleT[g], out=q).round_().clamp_(qmin, qmax).mul_(scaleT[g])
+                else:
+                    torch.div(w, scaleT[g], out=q).round_().add_(zeroT[g]).clamp_(qmin, qmax).sub_(zeroT[g]).mul_(scaleT[g])
+                err = torch.sub(w, q, out=E1[i]).div_(diagonal[i])
+                W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1)
+            losses += E1.square().sum(dim=0) / 2
+            WT[end:] -= U[start:end, end:].T @ E1
+        Q = QT.T.contiguous()
 
         if perm is not None:
             Q = Q[:, torch.argsort(perm)]
@@ -172,18 +182,18 @@ def gram(X: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, bottom], dim=0)
 
 
-def _current_group(W, W1, E1, U, start: int, i: int, group: int) -> torch.Tensor:
-    """The up-to-date weights of the group starting at column start + i. Inside the block
-    they are in W1; columns past the block still owe the block's pending lazy update
-    (−E1 · U for the columns quantized so far), applied here so that the result does not
-    depend on block_size."""
-    inside = W1[:, i : i + group]
-    missing = group - inside.shape[1]
+def _current_group(WT, W1, E1, U, start: int, i: int, group: int) -> torch.Tensor:
+    """The up-to-date weights of the group starting at column start + i, as (group, rows)
+    rows of Wᵀ. Inside the block they are in W1; columns past the block still owe the
+    block's pending lazy update (−Uᵀ · E1 for the columns quantized so far), applied here so
+    that the result does not depend on block_size."""
+    inside = W1[i : i + group]
+    missing = group - inside.shape[0]
     if missing <= 0:
         return inside
-    end = start + W1.shape[1]
-    beyond = W[:, end : end + missing] - E1[:, :i] @ U[start : start + i, end : end + missing]
-    return torch.cat([inside, beyond], dim=1)
+    end = start + W1.shape[0]
+    beyond = WT[end : end + missing] - U[start : start + i, end : end + missing].T @ E1[:i]
+    return torch.cat([inside, beyond], dim=0)
 
 
 def _per_row(scheme: QuantScheme) -> QuantScheme:
