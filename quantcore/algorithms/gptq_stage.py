@@ -2,11 +2,13 @@
 
 Block by block (`quantcore.pipeline.run_blockwise`). On llama-style blocks, one
 true-sequential pass (`quantcore.segments`): q/k/v, o, gate/up and down are each
-calibrated on the outputs of the layers quantized before them. On any other block, two
-passes: the calibration samples run through the float block with a hook on every targeted
-Linear that adds its inputs to that layer's Hessian H = 2XᵀX, each Linear is quantized and
-swapped for a QuantizedLinear, and the quantized block's outputs become the next block's
-inputs. OBQ (`obq.py`) shares this wiring with its own solver.
+calibrated on the outputs of the layers quantized before them. On any other block, the
+calibration samples run through the float block with a hook on every targeted Linear that
+adds its inputs to that layer's Hessian H = 2XᵀX; that pass also finds the order the layers
+run in and which share an input. The first group is quantized (swapped for
+QuantizedLinear) from it, and each later group from one more pass through the block as it
+now is (true-sequential; `true_sequential: false` quantizes every layer from the float
+pass). The quantized block's outputs become the next block's inputs. OBQ (`obq.py`) shares this wiring with its own solver.
 
 Layers fed the very same tensor (q/k/v projections after one norm, gate/up after another)
 share one Hessian, accumulated once: the same arithmetic, done a third of the times.
@@ -39,8 +41,8 @@ class GPTQOptions(BaseModel):
     static_groups: bool = Field(False, description="fix every group's S/Z from the weight before any update")
     true_sequential: bool = Field(
         True,
-        description="llama-style blocks: quantize q/k/v, o, gate/up, down in turn, each calibrated on the "
-        "already-quantized layers before it, in one pass (other blocks: one float pass for every layer)",
+        description="quantize the layers group by group (q/k/v, o, gate/up, down), each calibrated on the "
+        "already-quantized layers before it: one pass on llama-style blocks, one per group on others",
     )
 
 
@@ -138,8 +140,26 @@ def apply(
             segments.run_true_sequential(block, observe, quantize_group)
             return
         solvers = accumulate_hessians(block, layers, solver)
-        for name, linear in layers.items():
-            quantize_layer(name, linear, solvers.pop(name))
+        if not options.true_sequential:
+            for name, linear in layers.items():
+                quantize_layer(name, linear, solvers.pop(name))
+            return
+        # Any other block, true-sequential the general way: the float pass above found the
+        # layers' order and which share an input; each later group is recalibrated on the
+        # block as it is now, with the groups before it quantized (one forward per group).
+        groups: dict[int, list[str]] = {}
+        for name, accumulated in solvers.items():  # in the order the layers first ran
+            groups.setdefault(id(accumulated), []).append(name)
+        ordered = list(groups.values())
+        if not ordered:  # a block without target layers (e.g. an activation in an nn.Sequential)
+            return
+        current = {name: solvers[name] for name in ordered[0]}
+        del solvers  # the later groups' float Hessians are not used
+        for index, group in enumerate(ordered):
+            if index:
+                current = accumulate_hessians(block, {name: layers[name] for name in group}, solver)
+            for name in group:
+                quantize_layer(name, layers[name], current.pop(name))
 
     run_blockwise(model, context.calibration, quantize_block, context.progress, context.compute_dtype, context.release_memory)
     return results

@@ -55,3 +55,40 @@ def test_gptq_refuses_what_it_cannot_do():
         quantize(model, {"stages": [stage]}, calibration=[torch.randint(0, 128, (1, 8))])
     with pytest.raises(ValueError, match="options.damp"):
         quantize(model, {"stages": [{**RECIPE["stages"][0], "options": {"damp": -1}}]})
+
+
+class _TwoLayerBlock(torch.nn.Module):
+    """Not a llama block: GPTQ's general true-sequential path handles it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_later_layers_are_calibrated_on_the_quantized_layers_before_them(true_sequential):
+    """fc2's Hessian comes from relu(Q1 x + b) when true-sequential (Q1: fc1 as quantized),
+    from the float relu(W1 x + b) otherwise: recomputed by hand with the GPTQ solver."""
+    from quantcore.algorithms.gptq import GPTQ
+    from quantcore.schemes import QuantScheme
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_TwoLayerBlock())
+    W1, b1, W2 = (t.detach().clone() for t in (model[0].fc1.weight, model[0].fc1.bias, model[0].fc2.weight))
+    data = [torch.randn(64, 16) for _ in range(4)]
+    scheme = QuantScheme(bits=3, granularity="group", group_size=8)
+    stage = {"algorithm": "gptq", "ignore": [], "weights": scheme.model_dump(), "options": {"true_sequential": true_sequential}}
+    quantize(model, {"stages": [stage]}, calibration=data, compute_dtype="float32")
+
+    X = torch.cat(data)
+    first = GPTQ(16)
+    first.add_batch(X)
+    Q1 = first.quantize(W1, scheme).Q
+    second = GPTQ(32)
+    second.add_batch(torch.relu(X @ (Q1 if true_sequential else W1).T + b1))
+    Q2 = second.quantize(W2, scheme).Q
+    assert torch.allclose(model[0].fc1.dequantize_weight(), Q1, atol=1e-6)
+    assert torch.allclose(model[0].fc2.dequantize_weight(), Q2, atol=1e-6)
