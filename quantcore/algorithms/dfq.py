@@ -1,0 +1,409 @@
+"""DFQ: Nagel, van Baalen, Blankevoort, Welling, "Data-Free Quantization Through Weight
+Equalization and Bias Correction" (ICCV 2019), the math on a traced model.
+
+1. BatchNorm folding. conv → BN becomes one conv, per output channel:
+       W' = W · γ/σ,  b' = (b − μ) · γ/σ + β,   σ = sqrt(var + ε)
+   BN's β and γ are kept: they are the mean and std the folded conv's output channel is
+   expected to have, which steps 3 and 4 use instead of data.
+2. Cross-layer equalization (§4.1). For layer1 → f → layer2 where f is positive
+   homogeneous per channel (ReLU, max/avg pooling, a mean over space) and layer1 feeds
+   nothing else, f(x / s) = f(x) / s for s > 0, so output channel i of layer1 may be divided
+   by s_i and input channel i of layer2 multiplied by s_i without changing the model.
+       s_i = sqrt(r1_i · r2_i) / r2_i     (r1_i: max |W1| of output channel i,
+                                           r2_i: max |W2| of input channel i)
+   leaves both channels with the range sqrt(r1_i r2_i), the best per-tensor precision for
+   the pair (eq. 8-10). Repeated over every pair until the scales settle (a layer may sit in
+   two pairs).
+3. Bias absorption (§4.2). With layer1's pre-activation x_i ~ N(β_i, γ_i²) (from BN),
+   c_i = max(0, β_i − 3γ_i) lies below almost every x_i, and then ReLU(x − c) = ReLU(x) − c:
+   b1 −= c and b2 += W2 · c. Exact where x_i ≥ c_i and layer2 has no zero padding (padded
+   zeros are not shifted by c): at a padded border the absorbed c is wrong by W2 · c.
+4. Bias correction (§4.3). Quantizing W to W̃ adds ε = W̃ − W, which shifts the output's
+   mean by ε · E[x]: b −= ε · E[x]. Analytic: E[x] of an input ReLU(N(β, γ²)) is the clipped
+   normal mean γ φ(β/γ) + β Φ(β/γ); empirical: the shift itself measured on data (which
+   also gets a conv's borders right).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from quantcore.targets import set_module
+
+WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+# Modules that map channel i of their input to channel i of their output and commute with a
+# positive per-channel scale: f(x / s) = f(x) / s.
+CHANNELWISE_HOMOGENEOUS = (nn.ReLU, nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+                           nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+@dataclass
+class ChannelStats:
+    """Expected mean β and std γ of each output channel of a layer, before its activation."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    relu: bool = True  # a ReLU follows (the input of the next layer is ReLU(N(β, γ²)))
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    return fx.symbolic_trace(model)
+
+
+def _module(model: nn.Module, node: fx.Node) -> nn.Module | None:
+    return model.get_submodule(node.target) if node.op == "call_module" else None
+
+
+# --------------------------------------------------------------------------------------
+# 1. BatchNorm folding
+# --------------------------------------------------------------------------------------
+def fold_batchnorm(model: nn.Module) -> dict[str, ChannelStats]:
+    """Fold every BatchNorm that directly follows a conv/linear (its only user) into it, in
+    place; the BN becomes nn.Identity. Returns each folded layer's (β, γ)."""
+    graph = _trace(model).graph
+    stats: dict[str, ChannelStats] = {}
+    for node in graph.nodes:
+        bn = _module(model, node)
+        if not isinstance(bn, BATCHNORMS):
+            continue
+        producer = node.args[0]
+        layer = _module(model, producer) if isinstance(producer, fx.Node) else None
+        if not isinstance(layer, WEIGHTED) or len(producer.users) != 1:
+            continue
+        sigma = torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight.detach() if bn.affine else torch.ones_like(sigma)
+        beta = bn.bias.detach() if bn.affine else torch.zeros_like(sigma)
+        factor = gamma / sigma
+        with torch.no_grad():
+            layer.weight.mul_(factor.reshape(-1, *[1] * (layer.weight.dim() - 1)))
+            bias = layer.bias.detach() if layer.bias is not None else torch.zeros_like(beta)
+            new_bias = (bias - bn.running_mean) * factor + beta
+            layer.bias = nn.Parameter(new_bias.clone())
+        set_module(model, node.target, nn.Identity())
+        stats[producer.target] = ChannelStats(mean=beta.clone(), std=gamma.abs().clone(), relu=_followed_by_relu(model, node))
+    return stats
+
+
+def _followed_by_relu(model: nn.Module, node: fx.Node) -> bool:
+    users = list(node.users)
+    return len(users) == 1 and (isinstance(_module(model, users[0]), nn.ReLU) or users[0].target in (torch.relu, nn.functional.relu))
+
+
+# --------------------------------------------------------------------------------------
+# 2. Cross-layer equalization
+# --------------------------------------------------------------------------------------
+def equalization_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(layer1, layer2) pairs where layer1's output reaches only layer2, through channel-wise
+    positive-homogeneous ops. A residual add or a concat ends the chain (the other operand
+    would not be scaled)."""
+    graph = _trace(model).graph
+    pairs = []
+    for node in graph.nodes:
+        first = _module(model, node)
+        if not isinstance(first, WEIGHTED):
+            continue
+        current = node
+        while len(current.users) == 1:
+            current = next(iter(current.users))
+            module = _module(model, current)
+            if isinstance(module, WEIGHTED):
+                if getattr(module, "groups", 1) == 1 and module.weight.shape[1] == first.weight.shape[0]:
+                    pairs.append((node.target, current.target))
+                break
+            if not (isinstance(module, CHANNELWISE_HOMOGENEOUS) or _is_spatial_mean(current)
+                    or current.target in (torch.relu, nn.functional.relu)):
+                break
+    return pairs
+
+
+def _is_spatial_mean(node: fx.Node) -> bool:
+    """x.mean(dim=...) over dimensions after the channel dimension."""
+    if node.op != "call_method" or node.target != "mean":
+        return False
+    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    dims = (dims,) if isinstance(dims, int) else dims
+    return dims is not None and all(d >= 2 for d in dims)
+
+
+def _output_range(W: torch.Tensor) -> torch.Tensor:
+    return W.detach().abs().reshape(W.shape[0], -1).amax(dim=1)
+
+
+def _input_range(W: torch.Tensor) -> torch.Tensor:
+    return W.detach().abs().transpose(0, 1).reshape(W.shape[1], -1).amax(dim=1)
+
+
+def equalize_pair(layer1: nn.Module, layer2: nn.Module) -> torch.Tensor:
+    """Rescale one pair in place with s_i = sqrt(r1_i r2_i) / r2_i; returns s."""
+    r1, r2 = _output_range(layer1.weight), _input_range(layer2.weight)
+    s = torch.sqrt(r1 * r2) / r2
+    s = torch.where((r1 > 0) & (r2 > 0), s, torch.ones_like(s))  # a dead channel stays as it is
+    with torch.no_grad():
+        layer1.weight.div_(s.reshape(-1, *[1] * (layer1.weight.dim() - 1)))
+        if layer1.bias is not None:
+            layer1.bias.div_(s)
+        layer2.weight.mul_(s.reshape(1, -1, *[1] * (layer2.weight.dim() - 2)))
+    return s
+
+
+def cross_layer_equalization(
+    model: nn.Module, stats: dict[str, ChannelStats] | None = None, iterations: int = 20, tolerance: float = 1e-4
+) -> list[tuple[str, str]]:
+    """Equalize every pair until no scale moves by more than `tolerance` (relative); keeps
+    `stats` (the layers' expected output mean and std) in step with the rescaling."""
+    pairs = equalization_pairs(model)
+    for _ in range(iterations):
+        largest_change = 0.0
+        for name1, name2 in pairs:
+            s = equalize_pair(model.get_submodule(name1), model.get_submodule(name2))
+            largest_change = max(largest_change, float((s - 1).abs().max()))
+            if stats and name1 in stats:
+                stats[name1].mean, stats[name1].std = stats[name1].mean / s, stats[name1].std / s
+        if largest_change < tolerance:
+            break
+    return pairs
+
+
+# --------------------------------------------------------------------------------------
+# 3. Bias absorption
+# --------------------------------------------------------------------------------------
+def absorb_biases(model: nn.Module, pairs: list[tuple[str, str]], stats: dict[str, ChannelStats], sigmas: float = 3.0) -> None:
+    """For each pair whose layer1 is followed by a ReLU: c = max(0, β − 3γ) moves from layer1's
+    bias into layer2's (b2 += W2 · c, summed over layer2's kernel)."""
+    for name1, name2 in pairs:
+        if name1 not in stats or not stats[name1].relu:
+            continue
+        layer1, layer2 = model.get_submodule(name1), model.get_submodule(name2)
+        c = (stats[name1].mean - sigmas * stats[name1].std).clamp(min=0)
+        with torch.no_grad():
+            layer1.bias.sub_(c)
+            shift = _weight_times_channel_vector(layer2.weight, c)
+            if layer2.bias is None:
+                layer2.bias = nn.Parameter(shift.clone())
+            else:
+                layer2.bias.add_(shift)
+        stats[name1].mean = stats[name1].mean - c
+
+
+def _weight_times_channel_vector(W: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """W · v for an input constant per channel: Σ over input channels and kernel positions."""
+    return (W.detach() * v.reshape(1, -1, *[1] * (W.dim() - 2))).reshape(W.shape[0], -1).sum(dim=1)
+
+
+# --------------------------------------------------------------------------------------
+# 4. Bias correction
+# --------------------------------------------------------------------------------------
+def clipped_normal_mean(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """E[ReLU(x)] for x ~ N(mean, std²): std φ(mean/std) + mean Φ(mean/std)."""
+    std = std.clamp(min=1e-12)
+    z = mean / std
+    pdf = torch.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    return std * pdf + mean * cdf
+
+
+def expected_input(stats: ChannelStats) -> torch.Tensor:
+    """E[x] of the next layer's input per channel, from the producer's (β, γ)."""
+    return clipped_normal_mean(stats.mean, stats.std) if stats.relu else stats.mean
+
+
+def expected_shift(
+    layer: nn.Module, quantized_weight: torch.Tensor, input_mean: torch.Tensor, input_shape: torch.Size | None = None
+) -> torch.Tensor:
+    """The analytic mean output shift ε · E[x] (ε = W̃ − W) for an input whose mean is
+    `input_mean` per channel at every position. Given a conv's `input_shape`, the mean is
+    taken over the conv's output positions with its zero padding (at a border part of the
+    kernel sees padding, not E[x]: on small images that is much of the kernel)."""
+    error = quantized_weight - layer.weight.detach()
+    if input_shape is None or isinstance(layer, nn.Linear):
+        return _weight_times_channel_vector(error, input_mean)
+    constant = input_mean.reshape(1, -1, *[1] * (len(input_shape) - 2)).expand(1, *input_shape[1:])
+    error_layer = copy.deepcopy(layer)
+    with torch.no_grad():
+        error_layer.weight.copy_(error)
+        error_layer.bias = None
+        y = error_layer(constant.contiguous())
+    return y.transpose(0, 1).reshape(y.shape[1], -1).mean(dim=1)
+
+
+def measured_shift(model: nn.Module, name: str, quantized_weight: torch.Tensor, data: list[torch.Tensor]) -> torch.Tensor:
+    """The mean output shift of layer `name` of `model` measured on `data` (empirical bias
+    correction): mean over samples and positions of the layer computed with ε = W̃ − W and
+    no bias, on the inputs the layer actually sees."""
+    layer = model.get_submodule(name)
+    error_layer = copy.deepcopy(layer)
+    with torch.no_grad():
+        error_layer.weight.copy_(quantized_weight - layer.weight.detach())
+    error_layer.bias = None
+    total, count = 0, 0
+
+    def record(module, args):
+        nonlocal total, count
+        y = error_layer(args[0].detach()).double()
+        y = y.reshape(-1, y.shape[-1]) if isinstance(layer, nn.Linear) else y.transpose(0, 1).reshape(y.shape[1], -1).T
+        total, count = total + y.sum(dim=0), count + y.shape[0]
+
+    handle = layer.register_forward_pre_hook(record)
+    try:
+        with torch.no_grad():
+            for batch in data:
+                model(batch)
+    finally:
+        handle.remove()
+    return (total / count).float()
+
+
+def correct_bias(layer: nn.Module, quantized_weight: torch.Tensor, shift: torch.Tensor) -> None:
+    """Set W̃ as the layer's weight and b −= shift, the mean output shift W̃ adds."""
+    with torch.no_grad():
+        layer.weight.copy_(quantized_weight)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(-shift.clone())
+        else:
+            layer.bias.sub_(shift)
+
+
+def input_channel_means(model: nn.Module, names: list[str], data: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The mean of each input channel of the named layers over `data` (empirical E[x])."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(module, args):
+            x = args[0].detach()
+            if isinstance(module, nn.Linear):  # features last
+                x = x.reshape(-1, x.shape[-1]).T
+            else:  # (N, C, *spatial)
+                x = x.transpose(0, 1).reshape(x.shape[1], -1)
+            sums[name] = sums.get(name, 0) + x.double().sum(dim=1)
+            counts[name] = counts.get(name, 0) + x.shape[1]
+
+        return record
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
+    try:
+        with torch.no_grad():
+            for batch in data:
+                model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (sums[name] / counts[name]).float() for name in names if name in sums}
+
+
+# --------------------------------------------------------------------------------------
+# The whole recipe
+# --------------------------------------------------------------------------------------
+@dataclass
+class DFQReport:
+    folded: list[str]
+    equalized: list[tuple[str, str]]
+    corrected: dict[str, str]  # layer -> "analytic" | "empirical"
+    uncorrected: list[str]  # layers whose input mean nothing told (e.g. the first, without data)
+
+
+def data_free_quantize(
+    model: nn.Module,
+    quantize_weight,
+    data: list[torch.Tensor] | None = None,
+    equalize: bool = True,
+    absorb: bool = True,
+    correct: bool = True,
+    example_input: torch.Tensor | None = None,
+) -> DFQReport:
+    """Fold BN, equalize, absorb biases, then quantize every conv/linear weight in graph order
+    with `quantize_weight(W) -> W̃` (in place: the layers stay float modules holding W̃) and
+    correct each bias: from the producers' BN statistics, or, given `data`, measured with
+    the layers before it already quantized. `example_input` (one input of the model's shape,
+    its values unused) lets the analytic correction see each conv's input size and padding."""
+    shapes = layer_input_shapes(model, example_input) if example_input is not None else {}
+    stats = fold_batchnorm(model)
+    pairs = cross_layer_equalization(model, stats) if equalize else []
+    if absorb:
+        absorb_biases(model, pairs, stats)
+    producers = input_producers(model)
+    report = DFQReport(folded=list(stats), equalized=pairs, corrected={}, uncorrected=[])
+    for name, layer in _weighted_in_graph_order(model):
+        quantized = quantize_weight(layer.weight.detach())
+        shift = None
+        if correct and data:
+            shift, how = measured_shift(model, name, quantized, data), "empirical"
+        elif correct and producers.get(name) and all(p in stats for p in producers[name]):
+            mean = torch.cat([expected_input(stats[p]) for p in producers[name]])
+            shift, how = expected_shift(layer, quantized, mean, shapes.get(name)), "analytic"
+        if shift is None:
+            with torch.no_grad():
+                layer.weight.copy_(quantized)
+            report.uncorrected.append(name)
+        else:
+            correct_bias(layer, quantized, shift)
+            report.corrected[name] = how
+    return report
+
+
+def layer_input_shapes(model: nn.Module, example_input: torch.Tensor) -> dict[str, torch.Size]:
+    """The input shape of every conv/linear when the model runs `example_input`."""
+    shapes = {}
+    handles = [
+        module.register_forward_pre_hook(lambda m, args, name=name: shapes.__setitem__(name, args[0].shape))
+        for name, module in model.named_modules() if isinstance(module, WEIGHTED)
+    ]
+    try:
+        with torch.no_grad():
+            model(torch.zeros_like(example_input))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def _weighted_in_graph_order(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    graph = _trace(model).graph
+    return [(node.target, _module(model, node)) for node in graph.nodes if isinstance(_module(model, node), WEIGHTED)]
+
+
+def input_producers(model: nn.Module) -> dict[str, list[str]]:
+    """For each conv/linear, the layers whose outputs make up its input channel by channel:
+    one producer through Identity (a folded BN) and ReLU, or several through a concat along
+    channels. Layers fed anything else (a residual add, pooling, the model input) are absent."""
+    graph = _trace(model).graph
+
+    def walk(node) -> list[str] | None:
+        while isinstance(node, fx.Node):
+            module = _module(model, node)
+            if isinstance(module, WEIGHTED):
+                return [node.target]
+            if isinstance(module, (nn.Identity, nn.ReLU)) or node.target in (torch.relu, nn.functional.relu):
+                node = node.args[0]
+                continue
+            if node.target is torch.cat and node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) == 1:
+                parts = [walk(part) for part in node.args[0]]
+                return None if any(p is None for p in parts) else [name for part in parts for name in part]
+            return None
+        return None
+
+    producers = {}
+    for node in graph.nodes:
+        if isinstance(_module(model, node), WEIGHTED) and node.args and isinstance(node.args[0], fx.Node):
+            found = walk(node.args[0])
+            if found:
+                producers[node.target] = found
+    return producers
+
+
+def weight_quantizer(scheme):
+    """W ↦ W̃ on `scheme`'s grid (its observer over W alone), for conv and linear weights:
+    a conv's (out, in, kh, kw) weight is quantized as its (out, in·kh·kw) matrix."""
+    from quantcore.observers import fake_quant_weight
+
+    def quantize_weight(W: torch.Tensor) -> torch.Tensor:
+        return fake_quant_weight(W.reshape(W.shape[0], -1).float(), scheme).reshape(W.shape)
+
+    return quantize_weight
