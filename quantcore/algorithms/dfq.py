@@ -12,8 +12,11 @@ Equalization and Bias Correction" (ICCV 2019), the math on a traced model.
        s_i = sqrt(r1_i · r2_i) / r2_i     (r1_i: max |W1| of output channel i,
                                            r2_i: max |W2| of input channel i)
    leaves both channels with the range sqrt(r1_i r2_i), the best per-tensor precision for
-   the pair (eq. 8-10). Repeated over every pair until the scales settle (a layer may sit in
-   two pairs).
+   the pair (eq. 8-10). A residual add joins two producers' channel spaces (a/s + b/s =
+   (a + b)/s): all producers and consumers of such a space form one group, r1 and r2 taken
+   as the largest over the group's producers and consumers (our extension; the paper
+   equalizes pairs). A space also read by a concat or the output is left alone. Repeated
+   over every group until the scales settle (a layer may sit in two groups).
 3. Bias absorption (§4.2). With layer1's pre-activation x_i ~ N(β_i, γ_i²) (from BN),
    c_i = max(0, β_i − 3γ_i) lies below almost every x_i, and then ReLU(x − c) = ReLU(x) − c:
    b1 −= c and b2 += W2 · c. Exact where x_i ≥ c_i and layer2 has no zero padding (padded
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -99,28 +103,79 @@ def _followed_by_relu(model: nn.Module, node: fx.Node) -> bool:
 # --------------------------------------------------------------------------------------
 # 2. Cross-layer equalization
 # --------------------------------------------------------------------------------------
-def equalization_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(layer1, layer2) pairs where layer1's output reaches only layer2, through channel-wise
-    positive-homogeneous ops. A residual add or a concat ends the chain (the other operand
-    would not be scaled)."""
+@dataclass
+class EqualizationGroup:
+    """Layers that share one channel space: the producers' output channels, summed by residual
+    adds, reach the consumers' input channels through positive-homogeneous channel-wise ops
+    only. Dividing channel i of every producer by s_i and multiplying it into every consumer
+    leaves the model unchanged. A pair layer1 → ReLU → layer2 is the simplest group."""
+
+    producers: list[str]
+    consumers: list[str]
+
+
+def _is_add(node: fx.Node) -> bool:
+    tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    return len(tensors) == 2 and (
+        (node.op == "call_function" and node.target in (operator.add, torch.add)) or (node.op == "call_method" and node.target == "add")
+    )
+
+
+def _channelwise(model: nn.Module, node: fx.Node) -> bool:
+    return (isinstance(_module(model, node), CHANNELWISE_HOMOGENEOUS) or _is_spatial_mean(node)
+            or node.target in (torch.relu, nn.functional.relu) or _is_add(node))
+
+
+def equalization_groups(model: nn.Module) -> list[EqualizationGroup]:
+    """Every channel space between conv/linear layers that equalization may rescale. A space
+    also read by anything else (a concat, the model output, a reshape) is left alone: that
+    reader would see the scaled channels."""
     graph = _trace(model).graph
-    pairs = []
-    for node in graph.nodes:
-        first = _module(model, node)
-        if not isinstance(first, WEIGHTED):
+    weighted = {node for node in graph.nodes if isinstance(_module(model, node), WEIGHTED)}
+    assigned: set[fx.Node] = set()
+    groups = []
+    for start in graph.nodes:
+        if start not in weighted or start in assigned:
             continue
-        current = node
-        while len(current.users) == 1:
-            current = next(iter(current.users))
-            module = _module(model, current)
-            if isinstance(module, WEIGHTED):
-                if getattr(module, "groups", 1) == 1 and module.weight.shape[1] == first.weight.shape[0]:
-                    pairs.append((node.target, current.target))
-                break
-            if not (isinstance(module, CHANNELWISE_HOMOGENEOUS) or _is_spatial_mean(current)
-                    or current.target in (torch.relu, nn.functional.relu)):
-                break
-    return pairs
+        producers, consumers, seen, valid = {start}, [], set(), True
+        frontier = [start]
+        while frontier:
+            node = frontier.pop()
+            neighbours = list(node.users)
+            if node not in weighted:  # a channel-wise op: its inputs share the space too
+                neighbours += [a for a in node.args if isinstance(a, fx.Node)]
+            for other in neighbours:
+                if other in weighted:
+                    if other in node.users:  # reads the space
+                        valid &= other.args[0] is node
+                        if other not in consumers:
+                            consumers.append(other)
+                    elif other not in producers:  # writes it
+                        producers.add(other)
+                        frontier.append(other)
+                elif other not in seen:
+                    seen.add(other)
+                    if _channelwise(model, other):
+                        frontier.append(other)
+                    else:  # a concat, the output, a reshape: it would see the scaled channels
+                        valid = False
+        assigned |= producers
+        # a layer both reading and writing the space (x + f(W x)) would need s on both sides
+        valid &= not producers.intersection(consumers)
+        if valid and consumers and _compatible(model, producers, consumers):
+            order = [n.target for n in graph.nodes if n in producers]
+            groups.append(EqualizationGroup(order, [n.target for n in consumers]))
+    return groups
+
+
+def _compatible(model: nn.Module, producers, consumers) -> bool:
+    channels = {model.get_submodule(n.target).weight.shape[0] for n in producers}
+    for n in consumers:
+        layer = model.get_submodule(n.target)
+        if getattr(layer, "groups", 1) != 1:
+            return False
+        channels.add(layer.weight.shape[1])
+    return len(channels) == 1
 
 
 def _is_spatial_mean(node: fx.Node) -> bool:
@@ -140,55 +195,65 @@ def _input_range(W: torch.Tensor) -> torch.Tensor:
     return W.detach().abs().transpose(0, 1).reshape(W.shape[1], -1).amax(dim=1)
 
 
-def equalize_pair(layer1: nn.Module, layer2: nn.Module) -> torch.Tensor:
-    """Rescale one pair in place with s_i = sqrt(r1_i r2_i) / r2_i; returns s."""
-    r1, r2 = _output_range(layer1.weight), _input_range(layer2.weight)
+def equalize_group(model: nn.Module, group: EqualizationGroup) -> torch.Tensor:
+    """Rescale one group in place with s_i = sqrt(r1_i r2_i) / r2_i, r1_i the largest range of
+    output channel i over the producers, r2_i of input channel i over the consumers; returns s."""
+    producers = [model.get_submodule(n) for n in group.producers]
+    consumers = [model.get_submodule(n) for n in group.consumers]
+    r1 = torch.stack([_output_range(layer.weight) for layer in producers]).amax(dim=0)
+    r2 = torch.stack([_input_range(layer.weight) for layer in consumers]).amax(dim=0)
     s = torch.sqrt(r1 * r2) / r2
     s = torch.where((r1 > 0) & (r2 > 0), s, torch.ones_like(s))  # a dead channel stays as it is
     with torch.no_grad():
-        layer1.weight.div_(s.reshape(-1, *[1] * (layer1.weight.dim() - 1)))
-        if layer1.bias is not None:
-            layer1.bias.div_(s)
-        layer2.weight.mul_(s.reshape(1, -1, *[1] * (layer2.weight.dim() - 2)))
+        for layer in producers:
+            layer.weight.div_(s.reshape(-1, *[1] * (layer.weight.dim() - 1)))
+            if layer.bias is not None:
+                layer.bias.div_(s)
+        for layer in consumers:
+            layer.weight.mul_(s.reshape(1, -1, *[1] * (layer.weight.dim() - 2)))
     return s
 
 
 def cross_layer_equalization(
     model: nn.Module, stats: dict[str, ChannelStats] | None = None, iterations: int = 20, tolerance: float = 1e-4
-) -> list[tuple[str, str]]:
-    """Equalize every pair until no scale moves by more than `tolerance` (relative); keeps
+) -> list[EqualizationGroup]:
+    """Equalize every group until no scale moves by more than `tolerance` (relative); keeps
     `stats` (the layers' expected output mean and std) in step with the rescaling."""
-    pairs = equalization_pairs(model)
+    groups = equalization_groups(model)
     for _ in range(iterations):
         largest_change = 0.0
-        for name1, name2 in pairs:
-            s = equalize_pair(model.get_submodule(name1), model.get_submodule(name2))
+        for group in groups:
+            s = equalize_group(model, group)
             largest_change = max(largest_change, float((s - 1).abs().max()))
-            if stats and name1 in stats:
-                stats[name1].mean, stats[name1].std = stats[name1].mean / s, stats[name1].std / s
+            for name in group.producers:
+                if stats and name in stats:
+                    stats[name].mean, stats[name].std = stats[name].mean / s, stats[name].std / s
         if largest_change < tolerance:
             break
-    return pairs
+    return groups
 
 
 # --------------------------------------------------------------------------------------
 # 3. Bias absorption
 # --------------------------------------------------------------------------------------
-def absorb_biases(model: nn.Module, pairs: list[tuple[str, str]], stats: dict[str, ChannelStats], sigmas: float = 3.0) -> None:
-    """For each pair whose layer1 is followed by a ReLU: c = max(0, β − 3γ) moves from layer1's
-    bias into layer2's (b2 += W2 · c, summed over layer2's kernel)."""
-    for name1, name2 in pairs:
-        if name1 not in stats or not stats[name1].relu:
+def absorb_biases(model: nn.Module, groups: list[EqualizationGroup], stats: dict[str, ChannelStats], sigmas: float = 3.0) -> None:
+    """For each group with one producer, followed by a ReLU: c = max(0, β − 3γ) moves from the
+    producer's bias into every consumer's (b2 += W2 · c, summed over the consumer's kernel).
+    (With several producers a residual add sits between them and the ReLU's c does not pass.)"""
+    for group in groups:
+        if len(group.producers) != 1 or group.producers[0] not in stats or not stats[group.producers[0]].relu:
             continue
-        layer1, layer2 = model.get_submodule(name1), model.get_submodule(name2)
+        name1 = group.producers[0]
         c = (stats[name1].mean - sigmas * stats[name1].std).clamp(min=0)
         with torch.no_grad():
-            layer1.bias.sub_(c)
-            shift = _weight_times_channel_vector(layer2.weight, c)
-            if layer2.bias is None:
-                layer2.bias = nn.Parameter(shift.clone())
-            else:
-                layer2.bias.add_(shift)
+            model.get_submodule(name1).bias.sub_(c)
+            for name2 in group.consumers:
+                layer2 = model.get_submodule(name2)
+                shift = _weight_times_channel_vector(layer2.weight, c)
+                if layer2.bias is None:
+                    layer2.bias = nn.Parameter(shift.clone())
+                else:
+                    layer2.bias.add_(shift)
         stats[name1].mean = stats[name1].mean - c
 
 
@@ -304,7 +369,7 @@ def input_channel_means(model: nn.Module, names: list[str], data: list[torch.Ten
 @dataclass
 class DFQReport:
     folded: list[str]
-    equalized: list[tuple[str, str]]
+    equalized: list[EqualizationGroup]
     corrected: dict[str, str]  # layer -> "analytic" | "empirical"
     uncorrected: list[str]  # layers whose input mean nothing told (e.g. the first, without data)
 
@@ -325,11 +390,11 @@ def data_free_quantize(
     its values unused) lets the analytic correction see each conv's input size and padding."""
     shapes = layer_input_shapes(model, example_input) if example_input is not None else {}
     stats = fold_batchnorm(model)
-    pairs = cross_layer_equalization(model, stats) if equalize else []
+    groups = cross_layer_equalization(model, stats) if equalize else []
     if absorb:
-        absorb_biases(model, pairs, stats)
+        absorb_biases(model, groups, stats)
     producers = input_producers(model)
-    report = DFQReport(folded=list(stats), equalized=pairs, corrected={}, uncorrected=[])
+    report = DFQReport(folded=list(stats), equalized=groups, corrected={}, uncorrected=[])
     for name, layer in _weighted_in_graph_order(model):
         quantized = quantize_weight(layer.weight.detach())
         shift = None

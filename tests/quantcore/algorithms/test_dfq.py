@@ -15,7 +15,7 @@ from quantcore.algorithms.dfq import (
     correct_bias,
     cross_layer_equalization,
     data_free_quantize,
-    equalization_pairs,
+    equalization_groups,
     expected_input,
     expected_shift,
     fold_batchnorm,
@@ -53,9 +53,14 @@ def test_folding_and_equalization_leave_the_float_output_unchanged():
     assert set(stats) == {"stem.0", "body1.0", "body2.0", "branch3.0", "branch1.0", "mix.0"}
     with torch.no_grad():
         assert relative_error(model(x), before) < 1e-5
-    pairs = cross_layer_equalization(model, stats)
-    # the stem feeds a residual add and the branches a concat: only these two chains qualify
-    assert pairs == [("body1.0", "body2.0"), ("mix.0", "head")]
+    groups = cross_layer_equalization(model, stats)
+    # the stem and body2 write one channel space (the residual add), which body1 and, after
+    # the max-pool, both branches read; the branches feed a concat, so they stay unscaled
+    assert [(g.producers, sorted(g.consumers)) for g in groups] == [
+        (["stem.0", "body2.0"], ["body1.0", "branch1.0", "branch3.0"]),
+        (["body1.0"], ["body2.0"]),
+        (["mix.0"], ["head"]),
+    ]
     with torch.no_grad():
         assert relative_error(model(x), before) < 1e-5
 
@@ -67,7 +72,7 @@ def test_equalization_gives_both_layers_of_a_pair_the_same_channel_ranges():
         model[0].weight.mul_(torch.logspace(-2, 2, 8).unsqueeze(1))  # ranges over 4 decades
     r1_before = model[0].weight.abs().amax(dim=1)
     r2_before = model[2].weight.abs().amax(dim=0)
-    assert equalization_pairs(model) == [("0", "2")]
+    assert [(g.producers, g.consumers) for g in equalization_groups(model)] == [(["0"], ["2"])]
     cross_layer_equalization(model)
     r1, r2 = model[0].weight.abs().amax(dim=1), model[2].weight.abs().amax(dim=0)
     assert torch.allclose(r1, r2, rtol=1e-5)
@@ -86,12 +91,12 @@ def test_bias_absorption_is_exact_where_the_preactivation_stays_above_c():
         model.eval()
         before = model(x)
     stats = fold_batchnorm(model)
-    pairs = cross_layer_equalization(model, stats)
+    groups = cross_layer_equalization(model, stats)
     pre = model[0](x)
     c = (stats["0"].mean - 3 * stats["0"].std).clamp(min=0)
     assert (c > 0).sum() >= 4
     bias1 = model[0].bias.detach().clone()
-    absorb_biases(model, pairs, stats)
+    absorb_biases(model, groups, stats)
     with torch.no_grad():
         after = model(x)
     above = (pre >= c).all(dim=1)  # rows whose every pre-activation stayed above c
@@ -171,3 +176,29 @@ def test_data_free_quantize_corrects_the_layers_whose_input_statistics_it_knows(
     model = random_cnn()
     report = data_free_quantize(model, _rtn_per_tensor, data=[x])
     assert set(report.corrected.values()) == {"empirical"} and len(report.corrected) == 7
+
+
+class _SelfResidual(nn.Module):
+    """conv2 both reads and writes the residual stream: no per-channel scale can pass it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 3, 1)
+        self.conv4 = nn.Conv2d(3, 5, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = x + torch.relu(self.conv2(x))
+        return self.conv4(torch.relu(self.conv3(x)))
+
+
+def test_a_layer_inside_its_own_residual_is_not_equalized():
+    torch.manual_seed(0)
+    model = _SelfResidual()
+    x = torch.randn(8, 2, 6, 6)
+    with torch.no_grad():
+        before = model(x)
+    groups = cross_layer_equalization(model)
+    assert [(g.producers, g.consumers) for g in groups] == [(["conv3"], ["conv4"])]
+    with torch.no_grad():
+        assert relative_error(model(x), before) < 1e-5
