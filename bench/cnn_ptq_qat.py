@@ -1,8 +1,9 @@
 """Classic PTQ and QAT on the digits CNN: the classic PTQ / QAT issue's table (method, W/A
 bits, top-1 on the held-out digits, wall seconds).
 
-So far: fp32, round-to-nearest per-tensor weights, and DFQ (BN folding, cross-layer
-equalization, bias absorption, bias correction) without data and with calibration data.
+So far: fp32, round-to-nearest per-tensor weights, DFQ (BN folding, cross-layer
+equalization, bias absorption, bias correction) without data and with calibration data, and
+AdaRound (learned rounding per layer, on the BN-folded model) on the same grid.
 Activations stay float (A32) until activation quantization for CNNs lands.
 """
 
@@ -30,6 +31,7 @@ def main() -> int:
 
     from common import run_header, write_section
 
+    from quantcore.algorithms.adaround import adaround_model
     from quantcore.algorithms.dfq import data_free_quantize, fold_batchnorm, weight_quantizer
     from quantcore.models.digits_cnn import digits_split, pretrained_digits_cnn, top1
     from quantcore.schemes import QuantScheme
@@ -62,6 +64,8 @@ def main() -> int:
         measure("rtn per-tensor", bits, rtn)
         measure("dfq (no data)", bits, lambda m, q: data_free_quantize(m, q, example_input=example))
         measure("dfq + empirical bias correction", bits, lambda m, q: data_free_quantize(m, q, data=calibration))
+        scheme = QuantScheme(bits=bits, granularity="tensor")
+        measure("adaround", bits, lambda m, q: (fold_batchnorm(m), adaround_model(m, scheme, calibration, seed=SEED)))
 
     table = "\n".join(
         ["| method | W/A bits | top-1 % | quantize seconds |", "|---|---|---|---|"]

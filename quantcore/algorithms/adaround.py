@@ -1,0 +1,185 @@
+"""AdaRound: Nagel, Amjad, van Baalen, Louizos, Blankevoort, "Up or Down? Adaptive Rounding for
+Post-Training Quantization" (ICML 2020).
+
+Rounding each weight to nearest is not what minimises a layer's output error: the errors of
+a row's weights add up in its outputs. AdaRound learns, per weight, whether to round down or
+up, on calibration data, with the grid (S, Z) fixed:
+
+    W̃ = S · (clamp(⌊W/S⌋ + h(V) + Z, l, u) − Z)
+    h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1)            (rectified sigmoid, ζ = 1.1, γ = −0.1)
+    min_V ‖W x − W̃ x̂‖² + λ Σ (1 − |2h(V) − 1|^β)    (eq. 21-25)
+
+x are the layer's inputs in the float model and x̂ in the model with the layers before it
+already quantized (the paper's asymmetric reconstruction), so the rounding also makes up for
+the error that reaches the layer. The regulariser pushes every h(V) to 0 or 1; β is annealed
+from 20 to 2 after a warm-up without it. V starts where h(V) equals the weight's fractional
+part (so the soft weight starts at W), and at the end rounding is up where h(V) ≥ 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+class AdaRoundOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    iterations: int = Field(2000, ge=1, le=100_000)
+    learning_rate: float = Field(1e-2, gt=0)
+    regularization: float = Field(0.01, ge=0, description="λ, the weight of the rounding regulariser")
+    beta_start: float = Field(20.0, gt=0)
+    beta_end: float = Field(2.0, gt=0)
+    warmup: float = Field(0.2, ge=0, lt=1, description="share of the iterations without the regulariser")
+    batch_rows: int = Field(1024, ge=1, description="output rows (tokens or pixels) per step")
+
+
+@dataclass
+class AdaRoundResult:
+    weight: torch.Tensor  # W̃, on the grid
+    loss_nearest: float  # ‖W x − W̃ x̂‖² per output row (token, pixel) with round-to-nearest
+    loss_learned: float  # the same with the learned rounding (never above loss_nearest)
+    flipped: float  # share of weights rounded away from nearest
+
+
+def rectified_sigmoid(V: torch.Tensor) -> torch.Tensor:
+    return (torch.sigmoid(V) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+
+def _initial_V(rest: torch.Tensor) -> torch.Tensor:
+    """V with h(V) = rest (the fractional part of W/S), inverting the rectified sigmoid."""
+    rest = rest.clamp(1e-4, 1 - 1e-4)
+    return -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
+
+
+class _LayerOp:
+    """y = layer(x) with a given weight, for Linear (rows = tokens) and Conv (rows = pixels)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        if isinstance(layer, nn.Linear):
+            return F.linear(x, weight, layer.bias)
+        return layer._conv_forward(x, weight, layer.bias)
+
+
+def adaround_layer(
+    layer: nn.Module,
+    inputs_float: torch.Tensor,
+    inputs_quantized: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: float,
+    qmax: float,
+    options: AdaRoundOptions | None = None,
+    seed: int = 0,
+) -> AdaRoundResult:
+    """Learn the rounding of `layer`'s weight on its grid (S, Z broadcastable to the weight)."""
+    options = options or AdaRoundOptions()
+    op = _LayerOp(layer)
+    W = layer.weight.detach().float()
+    with torch.no_grad():
+        target = op(inputs_float, W)
+    floor = torch.floor(W / scale)
+    V = nn.Parameter(_initial_V(W / scale - floor))
+    optimizer = torch.optim.Adam([V], lr=options.learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    samples = inputs_quantized.shape[0]
+    rows_per_sample = target[0].numel() // target.shape[1]  # output positions: 1 for a Linear on vectors
+    batch = max(1, min(samples, options.batch_rows // rows_per_sample))
+
+    def soft_weight(h: torch.Tensor) -> torch.Tensor:
+        return scale * ((floor + h + zero_point).clamp(qmin, qmax) - zero_point)
+
+    warmup = int(options.warmup * options.iterations)
+    for step in range(options.iterations):
+        index = torch.randint(0, samples, (batch,), generator=generator)
+        h = rectified_sigmoid(V)
+        # Squared error summed over output channels, averaged over output rows (tokens, pixels)
+        loss = (op(inputs_quantized[index], soft_weight(h)) - target[index]).pow(2).sum() / (batch * rows_per_sample)
+        if step >= warmup:
+            progress = (step - warmup) / max(1, options.iterations - warmup)
+            beta = options.beta_end + 0.5 * (options.beta_start - options.beta_end) * (1 + math.cos(math.pi * progress))
+            loss = loss + options.regularization * (1 - (2 * h - 1).abs().pow(beta)).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    with torch.no_grad():
+        learned = soft_weight((V >= 0).float())
+        nearest = scale * ((torch.round(W / scale) + zero_point).clamp(qmin, qmax) - zero_point)
+        rows = samples * rows_per_sample
+        losses = [float((op(inputs_quantized, w) - target).pow(2).sum() / rows) for w in (nearest, learned)]
+    # Hard rounding can, rarely, land worse than nearest on all the data: keep the better one.
+    chosen = learned if losses[1] <= losses[0] else nearest
+    flipped = float((chosen != nearest).float().mean())
+    return AdaRoundResult(weight=chosen, loss_nearest=losses[0], loss_learned=min(losses), flipped=flipped)
+
+
+def capture_inputs(model: nn.Module, names: list[str], data: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inputs of the named layers when `model` runs `data`, concatenated over batches."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0].detach()))
+        for name in names
+    ]
+    try:
+        with torch.no_grad():
+            for batch in data:
+                model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(xs) for name, xs in seen.items()}
+
+
+def adaround_model(model: nn.Module, scheme, data: list[torch.Tensor], options: AdaRoundOptions | None = None,
+                   seed: int = 0) -> dict[str, AdaRoundResult]:
+    """AdaRound every conv/linear of `model` in place, in the order they run, on `scheme`'s grid
+    (its observer over each weight, a conv's weight seen as its (out, in·kh·kw) matrix). Each
+    layer learns its rounding on the inputs of the model quantized so far, against the float
+    model's outputs."""
+    from quantcore.observers import make_observer
+
+    names = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    float_inputs = capture_inputs(model, names, data)
+    results = {}
+    for index, name in enumerate(_run_order(model, names, data[:1])):
+        layer = model.get_submodule(name)
+        W = layer.weight.detach().float()
+        observer = make_observer(scheme)
+        observer.update(W.reshape(W.shape[0], -1))
+        qp = observer.qparams()
+        shape = (-1,) + (1,) * (W.dim() - 1) if qp.scale.numel() > 1 else (1,) * W.dim()
+        scale, zero = qp.scale.reshape(shape), qp.zero_point.reshape(shape)
+        quantized_inputs = capture_inputs(model, [name], data)[name]
+        results[name] = adaround_layer(layer, float_inputs.pop(name), quantized_inputs, scale, zero,
+                                       scheme.qmin, scheme.qmax, options, seed + index)
+        with torch.no_grad():
+            layer.weight.copy_(results[name].weight)
+    return results
+
+
+def _run_order(model: nn.Module, names: list[str], data: list[torch.Tensor]) -> list[str]:
+    """`names` in the order their layers first run."""
+    order: list[str] = []
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: order.append(name) if name not in order else None)
+        for name in names
+    ]
+    try:
+        with torch.no_grad():
+            model(data[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
