@@ -67,8 +67,24 @@ def fake_quant_activations(x: torch.Tensor, scheme: QuantScheme, static: QParams
     on that fixed grid; otherwise per call, S/Z per tensor, per token, or per group of inputs
     within each token. Computed in float32 and returned in x's dtype."""
     tokens = x.reshape(-1, x.shape[-1]).float()
+    if static is None and _symmetric_int_rows(scheme):
+        return _fake_quant_symmetric(tokens, scheme).reshape(x.shape).to(x.dtype)
     qp = static if static is not None else calculate_qparams(tokens, scheme)
     return fake_quant(tokens, qp).reshape(x.shape).to(x.dtype)
+
+
+def _symmetric_int_rows(scheme: QuantScheme) -> bool:
+    return scheme.type == QuantType.INT and scheme.symmetric and scheme.granularity in (Granularity.TOKEN, Granularity.TENSOR)
+
+
+def _fake_quant_symmetric(tokens: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """`fake_quant(tokens, calculate_qparams(tokens, scheme))` for symmetric integer grids per
+    token or per tensor, written out: the same numbers in a third of the passes over memory
+    (the general path's min, max, int8 codes and back cost 2-3x the layer's own matmul)."""
+    absmax = tokens.abs().amax(dim=-1 if scheme.granularity == Granularity.TOKEN else None, keepdim=True)
+    scale = absmax / scheme.qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (tokens / scale).round_().clamp_(scheme.qmin, scheme.qmax).mul_(scale)
 
 
 def fast_path_available() -> bool:

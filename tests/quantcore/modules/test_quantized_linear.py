@@ -67,3 +67,20 @@ def test_w8a8_int8_path_matches_reference(batch):
     assert torch.equal(q(x), ref)  # the reference path is the default
     assert enable_fast_path(nn.Sequential(q)) == 1
     assert torch.equal(q(x), fast)  # then forward dispatches to the int8 path on CPU
+
+
+@pytest.mark.parametrize("granularity", ["token", "tensor"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_symmetric_activation_fake_quant_matches_the_general_path_bit_for_bit(granularity, bits, dtype):
+    from quantcore.modules.quantized_linear import fake_quant_activations
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 96) * torch.rand(96) * 5
+    x[0, 3] = 0  # a silent token: S falls back to 1
+    x[1, 7, :4] = 1e4  # an outlier token
+    x = x.to(dtype)
+    scheme = QuantScheme(bits=bits, granularity=granularity, dynamic=True)
+    tokens = x.reshape(-1, 96).float()
+    general = fake_quant(tokens, calculate_qparams(tokens, scheme)).reshape(x.shape).to(dtype)
+    assert torch.equal(fake_quant_activations(x, scheme), general)
