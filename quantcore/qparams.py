@@ -62,7 +62,8 @@ def ungroup(xg: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tens
 def observe_range(x: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of `x` per quantization group, shaped like S (keepdim)."""
     xg = grouped_view(x.detach(), scheme).float()
-    return xg.amin(dim=-1, keepdim=True), xg.amax(dim=-1, keepdim=True)
+    # one pass for both
+    return torch.aminmax(xg, dim=-1, keepdim=True)
 
 
 # --------------------------------------------------------------------------------------
