@@ -97,9 +97,10 @@ class GPTQ:
         group = scheme.group_size if scheme.granularity == Granularity.GROUP else columns
         if columns % group != 0:
             raise ValueError(f"group_size {group} does not divide the input dimension {columns}")
-        # S/Z per group of original columns, shape (rows, groups); filled up front when static.
-        scale = torch.empty(rows, columns // group)
-        zero = torch.zeros(rows, columns // group)
+        # S/Z per group of original columns, stored (groups, rows) so that the column loop reads
+        # one contiguous row per column; filled up front when static.
+        scaleT = torch.empty(columns // group, rows)
+        zeroT = torch.zeros(columns // group, rows)
         fixed = static_groups or act_order or scheme.granularity != Granularity.GROUP
         row_scheme = _per_row(scheme)
 
@@ -107,13 +108,13 @@ class GPTQ:
             observer = make_observer(row_scheme)
             observer.update(weights)
             qp = qparams_from_range(*observer.range(), row_scheme, scale_dtype)
-            scale[:, g] = qp.scale.reshape(-1)
-            zero[:, g] = qp.zero_point.reshape(-1)
+            scaleT[g] = qp.scale.reshape(-1)
+            zeroT[g] = qp.zero_point.reshape(-1)
 
         if scheme.granularity == Granularity.TENSOR:
             set_group(0, W.reshape(1, -1))
-            scale[:] = scale[0, 0]
-            zero[:] = zero[0, 0]
+            scaleT[:] = scaleT[0, 0]
+            zeroT[:] = zeroT[0, 0]
         elif fixed:
             for g in range(columns // group):
                 set_group(g, W[:, g * group : (g + 1) * group])
@@ -132,11 +133,11 @@ class GPTQ:
         WT = W.T.contiguous()
         QT = torch.empty_like(WT)
         losses = torch.zeros(rows)
-        groups_of = [int(c) // group for c in original_column.tolist()]
-        starts_group = [not fixed and int(c) % group == 0 for c in original_column.tolist()]
+        column_order = original_column.tolist()
+        groups_of = [c // group for c in column_order]
+        starts_group = [not fixed and c % group == 0 for c in column_order]
         symmetric = scheme.symmetric
         qmin, qmax = scheme.qmin, scheme.qmax
-        scaleT, zeroT = scale.T.contiguous(), zero.T.contiguous()  # (groups, rows)
         for start in range(0, columns, block_size):
             end = min(start + block_size, columns)
             W1, U1 = WT[start:end].clone(), U[start:end, start:end]
@@ -146,7 +147,6 @@ class GPTQ:
                 g = groups_of[start + i]
                 if starts_group[start + i]:
                     set_group(g, _current_group(WT, W1, E1, U, start, i, group).T)
-                    scaleT[g], zeroT[g] = scale[:, g], zero[:, g]
                 w, q = W1[i], QT[start + i]
                 # qparams.fake_quant written out for one column: this loop runs once per column
                 if symmetric:
@@ -161,6 +161,7 @@ class GPTQ:
 
         if perm is not None:
             Q = Q[:, torch.argsort(perm)]
+        scale, zero = scaleT.T, zeroT.T
         if scheme.granularity == Granularity.TENSOR:
             scale, zero = scale[:1, :1], zero[:1, :1]
         shape = _grouped_shape(scheme, rows, columns)
