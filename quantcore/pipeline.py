@@ -155,6 +155,14 @@ def observe_inputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tenso
             handle.remove()
 
 
+def run_observed(model: nn.Module, names: Iterable[str], batches: Iterable[Any], fn: Callable[[str, torch.Tensor], None]) -> None:
+    """Run `model` on each batch without gradients, calling `fn(name, x)` with the input of
+    each named submodule whenever it runs."""
+    with torch.no_grad(), observe_inputs({name: model.get_submodule(name) for name in names}, fn):
+        for batch in batches:
+            model(batch)
+
+
 def contains(block_name: str, module_name: str) -> bool:
     """Is `module_name` the block itself or inside it? (The blocks of an nn.Sequential may be layers.)"""
     return module_name == block_name or module_name.startswith(block_name + ".")

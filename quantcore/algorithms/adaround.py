@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from quantcore.observers import make_observer
+from quantcore.pipeline import run_observed
+
 ZETA, GAMMA = 1.1, -0.1
 
 
@@ -126,19 +129,10 @@ def adaround_layer(
 
 
 def capture_inputs(model: nn.Module, names: list[str], data: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inputs of the named layers when `model` runs `data`, concatenated over batches."""
-    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    handles = [
-        model.get_submodule(name).register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0].detach()))
-        for name in names
-    ]
-    try:
-        with torch.no_grad():
-            for batch in data:
-                model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    """The inputs of the named layers when `model` runs `data`, concatenated over batches; the
+    dict lists the layers in the order they first run."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    run_observed(model, names, data, lambda name, x: seen.setdefault(name, []).append(x))
     return {name: torch.cat(xs) for name, xs in seen.items()}
 
 
@@ -148,12 +142,10 @@ def adaround_model(model: nn.Module, scheme, data: list[torch.Tensor], options: 
     (its observer over each weight, a conv's weight seen as its (out, in·kh·kw) matrix). Each
     layer learns its rounding on the inputs of the model quantized so far, against the float
     model's outputs."""
-    from quantcore.observers import make_observer
-
     names = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
     float_inputs = capture_inputs(model, names, data)
     results = {}
-    for index, name in enumerate(_run_order(model, names, data[:1])):
+    for index, name in enumerate(list(float_inputs)):
         layer = model.get_submodule(name)
         W = layer.weight.detach().float()
         observer = make_observer(scheme)
@@ -168,18 +160,3 @@ def adaround_model(model: nn.Module, scheme, data: list[torch.Tensor], options: 
             layer.weight.copy_(results[name].weight)
     return results
 
-
-def _run_order(model: nn.Module, names: list[str], data: list[torch.Tensor]) -> list[str]:
-    """`names` in the order their layers first run."""
-    order: list[str] = []
-    handles = [
-        model.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: order.append(name) if name not in order else None)
-        for name in names
-    ]
-    try:
-        with torch.no_grad():
-            model(data[0])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order

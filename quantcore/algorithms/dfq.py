@@ -38,6 +38,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from quantcore.pipeline import run_observed
 from quantcore.targets import set_module
 
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -309,19 +310,13 @@ def measured_shift(model: nn.Module, name: str, quantized_weight: torch.Tensor, 
     error_layer.bias = None
     total, count = 0, 0
 
-    def record(module, args):
+    def record(_: str, x: torch.Tensor) -> None:
         nonlocal total, count
-        y = error_layer(args[0].detach()).double()
+        y = error_layer(x).double()
         y = y.reshape(-1, y.shape[-1]) if isinstance(layer, nn.Linear) else y.transpose(0, 1).reshape(y.shape[1], -1).T
         total, count = total + y.sum(dim=0), count + y.shape[0]
 
-    handle = layer.register_forward_pre_hook(record)
-    try:
-        with torch.no_grad():
-            for batch in data:
-                model(batch)
-    finally:
-        handle.remove()
+    run_observed(model, [name], data, record)
     return (total / count).float()
 
 
@@ -340,26 +335,15 @@ def input_channel_means(model: nn.Module, names: list[str], data: list[torch.Ten
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def hook(name: str):
-        def record(module, args):
-            x = args[0].detach()
-            if isinstance(module, nn.Linear):  # features last
-                x = x.reshape(-1, x.shape[-1]).T
-            else:  # (N, C, *spatial)
-                x = x.transpose(0, 1).reshape(x.shape[1], -1)
-            sums[name] = sums.get(name, 0) + x.double().sum(dim=1)
-            counts[name] = counts.get(name, 0) + x.shape[1]
+    def record(name: str, x: torch.Tensor) -> None:
+        if isinstance(model.get_submodule(name), nn.Linear):  # features last
+            x = x.reshape(-1, x.shape[-1]).T
+        else:  # (N, C, *spatial)
+            x = x.transpose(0, 1).reshape(x.shape[1], -1)
+        sums[name] = sums.get(name, 0) + x.double().sum(dim=1)
+        counts[name] = counts.get(name, 0) + x.shape[1]
 
-        return record
-
-    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
-    try:
-        with torch.no_grad():
-            for batch in data:
-                model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_observed(model, names, data, record)
     return {name: (sums[name] / counts[name]).float() for name in names if name in sums}
 
 
@@ -415,17 +399,9 @@ def data_free_quantize(
 
 def layer_input_shapes(model: nn.Module, example_input: torch.Tensor) -> dict[str, torch.Size]:
     """The input shape of every conv/linear when the model runs `example_input`."""
-    shapes = {}
-    handles = [
-        module.register_forward_pre_hook(lambda m, args, name=name: shapes.__setitem__(name, args[0].shape))
-        for name, module in model.named_modules() if isinstance(module, WEIGHTED)
-    ]
-    try:
-        with torch.no_grad():
-            model(torch.zeros_like(example_input))
-    finally:
-        for handle in handles:
-            handle.remove()
+    shapes: dict[str, torch.Size] = {}
+    names = [name for name, module in model.named_modules() if isinstance(module, WEIGHTED)]
+    run_observed(model, names, [torch.zeros_like(example_input)], lambda name, x: shapes.__setitem__(name, x.shape))
     return shapes
 
 
