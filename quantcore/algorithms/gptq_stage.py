@@ -4,11 +4,12 @@ Block by block (`quantcore.pipeline.run_blockwise`). On llama-style blocks, one
 true-sequential pass (`quantcore.segments`): q/k/v, o, gate/up and down are each
 calibrated on the outputs of the layers quantized before them. On any other block, the
 calibration samples run through the float block with a hook on every targeted Linear that
-adds its inputs to that layer's Hessian H = 2XᵀX; that pass also finds the order the layers
-run in and which share an input. The first group is quantized (swapped for
-QuantizedLinear) from it, and each later group from one more pass through the block as it
-now is (true-sequential; `true_sequential: false` quantizes every layer from the float
-pass). The quantized block's outputs become the next block's inputs. OBQ (`obq.py`) shares this wiring with its own solver.
+adds its inputs to that layer's Hessian H = 2XᵀX. A pass over one sample first finds the
+order the layers run in and which share an input; then each group is calibrated by one pass
+through the block as it now is, the groups before it already quantized (swapped for
+QuantizedLinear), and quantized (true-sequential; `true_sequential: false` quantizes every
+layer from a single float pass). The quantized block's outputs become the next block's
+inputs. OBQ (`obq.py`) shares this wiring with its own solver.
 
 Layers fed the very same tensor (q/k/v projections after one norm, gate/up after another)
 share one Hessian, accumulated once: the same arithmetic, done a third of the times.
@@ -25,7 +26,7 @@ from torch import nn
 from quantcore import segments
 from quantcore.algorithms.base import LayerResult, StageContext, replace_with_quantized
 from quantcore.algorithms.gptq import GPTQ
-from quantcore.pipeline import CalibrationBlock, contains, find_blocks, run_blockwise
+from quantcore.pipeline import BlockInputs, CalibrationBlock, contains, find_blocks, run_blockwise
 from quantcore.recipe import Stage
 from quantcore.registry import Algorithm, register
 from quantcore.schemes import QuantType
@@ -139,25 +140,21 @@ def apply(
 
             segments.run_true_sequential(block, observe, quantize_group)
             return
-        solvers = accumulate_hessians(block, layers, solver)
         if not options.true_sequential:
+            solvers = accumulate_hessians(block, layers, solver)
             for name, linear in layers.items():
                 quantize_layer(name, linear, solvers.pop(name))
             return
-        # Any other block, true-sequential the general way: the float pass above found the
-        # layers' order and which share an input; each later group is recalibrated on the
-        # block as it is now, with the groups before it quantized (one forward per group).
+        # Any other block, true-sequential the general way: a pass over the first sample finds
+        # the order the layers run in and which share an input; then each group is calibrated
+        # on the block as it is now, with the groups before it quantized (one pass per group).
+        first = BlockInputs(block.inputs.hidden[:1], block.inputs.kwargs[:1])
+        probe = CalibrationBlock(block.name, block.module, first, block.compute_dtype)
         groups: dict[int, list[str]] = {}
-        for name, accumulated in solvers.items():  # in the order the layers first ran
+        for name, accumulated in accumulate_hessians(probe, layers, solver).items():  # in the order they ran
             groups.setdefault(id(accumulated), []).append(name)
-        ordered = list(groups.values())
-        if not ordered:  # a block without target layers (e.g. an activation in an nn.Sequential)
-            return
-        current = {name: solvers[name] for name in ordered[0]}
-        del solvers  # the later groups' float Hessians are not used
-        for index, group in enumerate(ordered):
-            if index:
-                current = accumulate_hessians(block, {name: layers[name] for name in group}, solver)
+        for group in groups.values():
+            current = accumulate_hessians(block, {name: layers[name] for name in group}, solver)
             for name in group:
                 quantize_layer(name, layers[name], current.pop(name))
 
