@@ -287,15 +287,11 @@ def expected_shift(
     `input_mean` per channel at every position. Given a conv's `input_shape`, the mean is
     taken over the conv's output positions with its zero padding (at a border part of the
     kernel sees padding, not E[x]: on small images that is much of the kernel)."""
-    error = quantized_weight - layer.weight.detach()
     if input_shape is None or isinstance(layer, nn.Linear):
-        return _weight_times_channel_vector(error, input_mean)
+        return _weight_times_channel_vector(quantized_weight - layer.weight.detach(), input_mean)
     constant = input_mean.reshape(1, -1, *[1] * (len(input_shape) - 2)).expand(1, *input_shape[1:])
-    error_layer = copy.deepcopy(layer)
     with torch.no_grad():
-        error_layer.weight.copy_(error)
-        error_layer.bias = None
-        y = error_layer(constant.contiguous())
+        y = _error_layer(layer, quantized_weight)(constant.contiguous())
     return y.transpose(0, 1).reshape(y.shape[1], -1).mean(dim=1)
 
 
@@ -304,10 +300,7 @@ def measured_shift(model: nn.Module, name: str, quantized_weight: torch.Tensor, 
     correction): mean over samples and positions of the layer computed with ε = W̃ − W and
     no bias, on the inputs the layer actually sees."""
     layer = model.get_submodule(name)
-    error_layer = copy.deepcopy(layer)
-    with torch.no_grad():
-        error_layer.weight.copy_(quantized_weight - layer.weight.detach())
-    error_layer.bias = None
+    error_layer = _error_layer(layer, quantized_weight)
     total, count = 0, 0
 
     def record(_: str, x: torch.Tensor) -> None:
@@ -318,6 +311,15 @@ def measured_shift(model: nn.Module, name: str, quantized_weight: torch.Tensor, 
 
     run_observed(model, [name], data, record)
     return (total / count).float()
+
+
+def _error_layer(layer: nn.Module, quantized_weight: torch.Tensor) -> nn.Module:
+    """A copy of `layer` computing ε x (ε = W̃ − W, no bias): the output change W̃ brings."""
+    error_layer = copy.deepcopy(layer)
+    with torch.no_grad():
+        error_layer.weight.copy_(quantized_weight - layer.weight.detach())
+    error_layer.bias = None
+    return error_layer
 
 
 def correct_bias(layer: nn.Module, quantized_weight: torch.Tensor, shift: torch.Tensor) -> None:

@@ -2,9 +2,9 @@
 
 Block by block (`quantcore.pipeline.run_blockwise`). On llama-style blocks, one
 true-sequential pass (`quantcore.segments`): q/k/v, o, gate/up and down are each
-calibrated on the outputs of the layers quantized before them. On any other block, the
-calibration samples run through the float block with a hook on every targeted Linear that
-adds its inputs to that layer's Hessian H = 2XᵀX. A pass over one sample first finds the
+calibrated on the outputs of the layers quantized before them. On any other block,
+hooks on the targeted Linears add their inputs to each layer's Hessian H = 2XᵀX while the
+calibration samples run through the block. A pass over one sample first finds the
 order the layers run in and which share an input; then each group is calibrated by one pass
 through the block as it now is, the groups before it already quantized (swapped for
 QuantizedLinear), and quantized (true-sequential; `true_sequential: false` quantizes every
