@@ -98,7 +98,11 @@ def fold_batchnorm(model: nn.Module) -> dict[str, ChannelStats]:
 
 def _followed_by_relu(model: nn.Module, node: fx.Node) -> bool:
     users = list(node.users)
-    return len(users) == 1 and (isinstance(_module(model, users[0]), nn.ReLU) or users[0].target in (torch.relu, nn.functional.relu))
+    return len(users) == 1 and _is_relu(model, users[0])
+
+
+def _is_relu(model: nn.Module, node: fx.Node) -> bool:
+    return isinstance(_module(model, node), nn.ReLU) or node.target in (torch.relu, nn.functional.relu)
 
 
 # --------------------------------------------------------------------------------------
@@ -124,7 +128,7 @@ def _is_add(node: fx.Node) -> bool:
 
 def _channelwise(model: nn.Module, node: fx.Node) -> bool:
     return (isinstance(_module(model, node), CHANNELWISE_HOMOGENEOUS) or _is_spatial_mean(node)
-            or node.target in (torch.relu, nn.functional.relu) or _is_add(node))
+            or _is_relu(model, node) or _is_add(node))
 
 
 def equalization_groups(model: nn.Module) -> list[EqualizationGroup]:
@@ -423,7 +427,7 @@ def input_producers(model: nn.Module) -> dict[str, list[str]]:
             module = _module(model, node)
             if isinstance(module, WEIGHTED):
                 return [node.target]
-            if isinstance(module, (nn.Identity, nn.ReLU)) or node.target in (torch.relu, nn.functional.relu):
+            if isinstance(module, nn.Identity) or _is_relu(model, node):
                 node = node.args[0]
                 continue
             if node.target is torch.cat and node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) == 1:
