@@ -62,6 +62,44 @@ def _initial_V(rest: torch.Tensor) -> torch.Tensor:
     return -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
 
 
+class LearnedRounding(nn.Module):
+    """The rounding of one weight W on a fixed grid (S, Z, [l, u]), learned through V."""
+
+    def __init__(self, W: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: float, qmax: float) -> None:
+        super().__init__()
+        self.scale, self.zero_point, self.qmin, self.qmax = scale, zero_point, qmin, qmax
+        self.floor = torch.floor(W / scale)
+        self.nearest_codes = torch.round(W / scale)
+        self.V = nn.Parameter(_initial_V(W / scale - self.floor))
+
+    def _on_grid(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.scale * ((codes + self.zero_point).clamp(self.qmin, self.qmax) - self.zero_point)
+
+    def soft(self) -> torch.Tensor:
+        """W̃ with h(V) in [0, 1]: what the optimisation sees."""
+        return self._on_grid(self.floor + rectified_sigmoid(self.V))
+
+    def hard(self) -> torch.Tensor:
+        """W̃ rounded up where h(V) ≥ 0.5 (V ≥ 0)."""
+        return self._on_grid(self.floor + (self.V >= 0).float()).detach()
+
+    def nearest(self) -> torch.Tensor:
+        return self._on_grid(self.nearest_codes)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """Σ (1 − |2h(V) − 1|^β): zero only when every h(V) is 0 or 1."""
+        return (1 - (2 * rectified_sigmoid(self.V) - 1).abs().pow(beta)).sum()
+
+
+def annealed_beta(step: int, options: AdaRoundOptions) -> float | None:
+    """β at `step`: None during the warm-up (no regulariser), then cosine from β_start to β_end."""
+    warmup = int(options.warmup * options.iterations)
+    if step < warmup:
+        return None
+    progress = (step - warmup) / max(1, options.iterations - warmup)
+    return options.beta_end + 0.5 * (options.beta_start - options.beta_end) * (1 + math.cos(math.pi * progress))
+
+
 class _LayerOp:
     """y = layer(x) with a given weight, for Linear (rows = tokens) and Conv (rows = pixels)."""
 
@@ -92,40 +130,42 @@ def adaround_layer(
     W = layer.weight.detach().float()
     with torch.no_grad():
         target = op(inputs_float, W)
-    floor = torch.floor(W / scale)
-    V = nn.Parameter(_initial_V(W / scale - floor))
-    optimizer = torch.optim.Adam([V], lr=options.learning_rate)
+    rounding = LearnedRounding(W, scale, zero_point, qmin, qmax)
+    optimizer = torch.optim.Adam([rounding.V], lr=options.learning_rate)
     generator = torch.Generator().manual_seed(seed)
     samples = inputs_quantized.shape[0]
     rows_per_sample = target[0].numel() // target.shape[1]  # output positions: 1 for a Linear on vectors
     batch = max(1, min(samples, options.batch_rows // rows_per_sample))
 
-    def soft_weight(h: torch.Tensor) -> torch.Tensor:
-        return scale * ((floor + h + zero_point).clamp(qmin, qmax) - zero_point)
-
-    warmup = int(options.warmup * options.iterations)
     for step in range(options.iterations):
         index = torch.randint(0, samples, (batch,), generator=generator)
-        h = rectified_sigmoid(V)
         # Squared error summed over output channels, averaged over output rows (tokens, pixels)
-        loss = (op(inputs_quantized[index], soft_weight(h)) - target[index]).pow(2).sum() / (batch * rows_per_sample)
-        if step >= warmup:
-            progress = (step - warmup) / max(1, options.iterations - warmup)
-            beta = options.beta_end + 0.5 * (options.beta_start - options.beta_end) * (1 + math.cos(math.pi * progress))
-            loss = loss + options.regularization * (1 - (2 * h - 1).abs().pow(beta)).sum()
+        loss = (op(inputs_quantized[index], rounding.soft()) - target[index]).pow(2).sum() / (batch * rows_per_sample)
+        beta = annealed_beta(step, options)
+        if beta is not None:
+            loss = loss + options.regularization * rounding.regularizer(beta)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
     with torch.no_grad():
-        learned = soft_weight((V >= 0).float())
-        nearest = scale * ((torch.round(W / scale) + zero_point).clamp(qmin, qmax) - zero_point)
+        learned, nearest = rounding.hard(), rounding.nearest()
         rows = samples * rows_per_sample
         losses = [float((op(inputs_quantized, w) - target).pow(2).sum() / rows) for w in (nearest, learned)]
     # Hard rounding can, rarely, land worse than nearest on all the data: keep the better one.
     chosen = learned if losses[1] <= losses[0] else nearest
     flipped = float((chosen != nearest).float().mean())
     return AdaRoundResult(weight=chosen, loss_nearest=losses[0], loss_learned=min(losses), flipped=flipped)
+
+
+def weight_grid(W: torch.Tensor, scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """S and Z of `scheme`'s observer over W (a conv's weight seen as its (out, in·kh·kw)
+    matrix), shaped to broadcast against W."""
+    observer = make_observer(scheme)
+    observer.update(W.reshape(W.shape[0], -1))
+    qp = observer.qparams()
+    shape = (-1,) + (1,) * (W.dim() - 1) if qp.scale.numel() > 1 else (1,) * W.dim()
+    return qp.scale.reshape(shape), qp.zero_point.reshape(shape)
 
 
 def capture_inputs(model: nn.Module, names: list[str], data: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -137,25 +177,22 @@ def capture_inputs(model: nn.Module, names: list[str], data: list[torch.Tensor])
 
 
 def adaround_model(model: nn.Module, scheme, data: list[torch.Tensor], options: AdaRoundOptions | None = None,
-                   seed: int = 0) -> dict[str, AdaRoundResult]:
+                   seed: int = 0, per_layer: dict | None = None) -> dict[str, AdaRoundResult]:
     """AdaRound every conv/linear of `model` in place, in the order they run, on `scheme`'s grid
     (its observer over each weight, a conv's weight seen as its (out, in·kh·kw) matrix). Each
     layer learns its rounding on the inputs of the model quantized so far, against the float
-    model's outputs."""
+    model's outputs. `per_layer` maps layer names to their own scheme (e.g. the first and last
+    layer at 8 bits)."""
     names = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
     float_inputs = capture_inputs(model, names, data)
     results = {}
     for index, name in enumerate(list(float_inputs)):
         layer = model.get_submodule(name)
-        W = layer.weight.detach().float()
-        observer = make_observer(scheme)
-        observer.update(W.reshape(W.shape[0], -1))
-        qp = observer.qparams()
-        shape = (-1,) + (1,) * (W.dim() - 1) if qp.scale.numel() > 1 else (1,) * W.dim()
-        scale, zero = qp.scale.reshape(shape), qp.zero_point.reshape(shape)
+        layer_scheme = (per_layer or {}).get(name, scheme)
+        scale, zero = weight_grid(layer.weight.detach().float(), layer_scheme)
         quantized_inputs = capture_inputs(model, [name], data)[name]
         results[name] = adaround_layer(layer, float_inputs.pop(name), quantized_inputs, scale, zero,
-                                       scheme.qmin, scheme.qmax, options, seed + index)
+                                       layer_scheme.qmin, layer_scheme.qmax, options, seed + index)
         with torch.no_grad():
             layer.weight.copy_(results[name].weight)
     return results

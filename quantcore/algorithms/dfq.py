@@ -372,12 +372,15 @@ def data_free_quantize(
     absorb: bool = True,
     correct: bool = True,
     example_input: torch.Tensor | None = None,
+    per_layer: dict | None = None,
 ) -> DFQReport:
     """Fold BN, equalize, absorb biases, then quantize every conv/linear weight in graph order
     with `quantize_weight(W) -> W̃` (in place: the layers stay float modules holding W̃) and
     correct each bias: from the producers' BN statistics, or, given `data`, measured with
     the layers before it already quantized. `example_input` (one input of the model's shape,
-    its values unused) lets the analytic correction see each conv's input size and padding."""
+    its values unused) lets the analytic correction see each conv's input size and padding.
+    `per_layer` maps layer names to their own quantize_weight (e.g. the first and last layer
+    at 8 bits)."""
     shapes = layer_input_shapes(model, example_input) if example_input is not None else {}
     stats = fold_batchnorm(model)
     groups = cross_layer_equalization(model, stats) if equalize else []
@@ -386,7 +389,7 @@ def data_free_quantize(
     producers = input_producers(model)
     report = DFQReport(folded=list(stats), equalized=groups, corrected={}, uncorrected=[])
     for name, layer in _weighted_in_graph_order(model):
-        quantized = quantize_weight(layer.weight.detach())
+        quantized = (per_layer or {}).get(name, quantize_weight)(layer.weight.detach())
         shift = None
         if correct and data:
             shift, how = measured_shift(model, name, quantized, data), "empirical"
