@@ -69,6 +69,12 @@ METHODS: dict[str, tuple[str, str, str | dict]] = {
         "stages": [{"algorithm": "gptq", "weights": {**G64, "symmetric": False}, "options": {"act_order": True},
                     "ignore": MINILM_IGNORE}],
     }),
+    "minilm-rtn-w8a8": (MINILM, "W8A8 (token)", _minilm("w8a8-rtn")),
+    "minilm-adaround-w8a8": (MINILM, "W8A8 (token)", {
+        "name": "w8a8-adaround (MiniLM)",
+        "stages": [{"algorithm": "adaround", "weights": {"bits": 8, "granularity": "channel"},
+                    "activations": {"bits": 8, "granularity": "token", "dynamic": True}, "ignore": MINILM_IGNORE}],
+    }),
 }
 
 # The LLM PTQ issue's targets: a toolkit's GPTQ on this machine, split and calibration set.
@@ -82,6 +88,7 @@ TARGETS = {
     "minilm-smoothquant-w8a8": "cosine ≥ 0.99",
     "minilm-gptq-w4-g64": "cosine ≥ 0.99",
     "minilm-gptq-w4-g64-asym": "cosine ≥ 0.99",
+    "minilm-adaround-w8a8": "cosine ≥ 0.995 (classic PTQ issue)",
 }
 
 
@@ -126,6 +133,7 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (DESIGN.md: 16384)")
     parser.add_argument("--results", type=Path, help="also write the table into this markdown file")
+    parser.add_argument("--section", default="LLM PTQ on SmolLM2-135M", help="the results file's section to write")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,7 +162,7 @@ def main() -> int:
               f"peak RSS {result['peak_rss'] / 1e9:.2f} GB", flush=True)
         table = _table(rows, baseline)
         if args.results:  # after every row: an interrupted run keeps what it measured
-            write_section(args.results, "LLM PTQ on SmolLM2-135M", header, table, " ".join(["python"] + sys.argv))
+            write_section(args.results, args.section, header, table, " ".join(["python"] + sys.argv))
     print("\n" + _table(rows, baseline))
     return 0
 

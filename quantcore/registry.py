@@ -31,7 +31,7 @@ class Algorithm:
 _REGISTRY: dict[str, Algorithm] = {}
 
 # On the roadmap, not in this version: rejected with a clear message.
-PLANNED = ("dfq", "adaround", "brecq")
+PLANNED = ("dfq", "brecq")
 
 
 def register(algorithm: Algorithm) -> Algorithm:
@@ -41,7 +41,7 @@ def register(algorithm: Algorithm) -> Algorithm:
 
 def _load_builtin() -> None:
     # Importing the modules registers them.
-    from quantcore.algorithms import awq, gptq_stage, obq, octav, rtn, smoothquant, svdquant  # noqa: F401
+    from quantcore.algorithms import adaround_stage, awq, gptq_stage, obq, octav, rtn, smoothquant, svdquant  # noqa: F401
 
 
 def get(name: str) -> Algorithm:

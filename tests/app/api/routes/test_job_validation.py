@@ -19,8 +19,8 @@ CASES = {
         422, "validation-error", ["recipe.stages.0", "unknown algorithm 'magic'"],
     ),
     "planned algorithm": (
-        {"model": "bundled:smollm2-135m", "recipe": {"stages": [{"algorithm": "adaround", "weights": {"bits": 4}}]}},
-        422, "validation-error", ["adaround", "not implemented"],
+        {"model": "bundled:smollm2-135m", "recipe": {"stages": [{"algorithm": "brecq", "weights": {"bits": 4}}]}},
+        422, "validation-error", ["brecq", "not implemented"],
     ),
     "unknown preset": (
         {"model": "bundled:smollm2-135m", "recipe": "w5a5-nope"},
