@@ -1,13 +1,18 @@
-"""Job rows as the API reads and writes them. The worker's transitions are in worker/state.py."""
+"""Job rows as the API reads and writes them (the worker's transitions are in worker/state.py),
+and the rows of uploaded datasets and models."""
 
 from __future__ import annotations
+
+from typing import TypeVar
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.models import TERMINAL, Job, JobStatus, utcnow
+from app.models import TERMINAL, Dataset, Job, JobStatus, UploadedModel, utcnow
 from quantcore.job import JobRequest
+
+Upload = TypeVar("Upload", Dataset, UploadedModel)
 
 
 def get_job(session: Session, job_id: str) -> Job | None:
@@ -91,3 +96,25 @@ def fail_job(session: Session, job: Job, reason: str) -> None:
     )
     session.commit()
     session.refresh(job)
+
+
+def get_upload(session: Session, table: type[Upload], upload_id: str) -> Upload | None:
+    return session.get(table, upload_id)
+
+
+def list_uploads(session: Session, table: type[Upload], limit: int, offset: int) -> tuple[list[Upload], int]:
+    """Newest first; also the number of rows over all pages."""
+    total = session.scalar(select(func.count()).select_from(table)) or 0
+    rows = session.scalars(select(table).order_by(table.created_at.desc(), table.id.desc()).limit(limit).offset(offset))
+    return list(rows), total
+
+
+def add_upload(session: Session, row: Upload) -> Upload:
+    session.add(row)
+    session.commit()
+    return row
+
+
+def delete_upload(session: Session, row: Dataset | UploadedModel) -> None:
+    session.delete(row)
+    session.commit()

@@ -41,6 +41,14 @@ def job_not_found(job_id: str) -> Problem:
     return Problem(404, "job-not-found", "Job not found", f"no job with id '{job_id}'")
 
 
+def dataset_not_found(dataset_id: str) -> Problem:
+    return Problem(404, "dataset-not-found", "Dataset not found", f"no dataset with id '{dataset_id}'")
+
+
+def model_not_found(model_id: str) -> Problem:
+    return Problem(404, "model-not-found", "Model not found", f"no uploaded model with id '{model_id}'")
+
+
 def validation_problem(
     errors: list[dict[str, Any]], slug: str = "validation-error", title: str = "Invalid request"
 ) -> Problem:

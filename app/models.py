@@ -1,4 +1,5 @@
-"""Database tables. One row per job: its request, state, progress, outcome and artifact."""
+"""Database tables. One row per job: its request, state, progress, outcome and artifact; one
+per uploaded dataset and per uploaded model, written once its file is complete and checked."""
 
 from __future__ import annotations
 
@@ -47,6 +48,32 @@ class JobStatus(enum.StrEnum):
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 
+class DatasetFormat(enum.StrEnum):
+    NPZ = "npz"
+    JSONL = "jsonl"
+
+
+class DatasetKind(enum.StrEnum):
+    ARRAYS = "arrays"  # x (and y): calibration, training or evaluation samples of a classifier
+    TEXT = "text"  # {"text": ...} lines: text calibration data
+
+
+class ModelFormat(enum.StrEnum):
+    SAFETENSORS = "safetensors"
+
+
+def _enum(cls: type[enum.StrEnum], name: str) -> Enum:
+    """A string column holding one of an enum's values, with a CHECK constraint (as in the migrations)."""
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+    )
+
+
 class Base(DeclarativeBase):
     # Deterministic constraint names, matching the migrations on every backend.
     metadata = MetaData(
@@ -63,18 +90,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex)
-    status: Mapped[JobStatus] = mapped_column(
-        Enum(
-            JobStatus,
-            name="job_status",
-            native_enum=False,
-            create_constraint=True,
-            length=16,
-            values_callable=lambda e: [m.value for m in e],
-        ),
-        default=JobStatus.QUEUED,
-        index=True,
-    )
+    status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "job_status"), default=JobStatus.QUEUED, index=True)
     model: Mapped[str] = mapped_column(String(1024))
     recipe: Mapped[dict[str, Any]] = mapped_column(JSON)  # the parsed recipe, exactly as run
     request: Mapped[dict[str, Any]] = mapped_column(JSON)  # the whole validated JobRequest
@@ -100,3 +116,41 @@ class Job(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class Dataset(Base):
+    """An uploaded dataset; its file is `path` under Settings.data_dir."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex)
+    name: Mapped[str] = mapped_column(String(255))
+    format: Mapped[DatasetFormat] = mapped_column(_enum(DatasetFormat, "dataset_format"))
+    kind: Mapped[DatasetKind] = mapped_column(_enum(DatasetKind, "dataset_kind"))
+    samples: Mapped[int] = mapped_column(Integer)
+    x_shape: Mapped[list[int] | None] = mapped_column(JSON)  # one sample's shape; None for text
+    has_labels: Mapped[bool] = mapped_column(Boolean)
+    classes: Mapped[int | None] = mapped_column(Integer)  # distinct labels; None without labels
+    path: Mapped[str] = mapped_column(String(1024))  # relative to Settings.data_dir
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class UploadedModel(Base):
+    """An uploaded checkpoint in a format that cannot run code when loaded, with the
+    architecture (and its arguments) that the worker builds before loading the weights."""
+
+    __tablename__ = "uploaded_models"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex)
+    name: Mapped[str] = mapped_column(String(255))
+    format: Mapped[ModelFormat] = mapped_column(_enum(ModelFormat, "model_format"))
+    architecture: Mapped[str] = mapped_column(String(64))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)  # as uploaded, "architecture" included
+    tensors: Mapped[int] = mapped_column(Integer)
+    parameters: Mapped[int] = mapped_column(BigInteger)  # elements over all tensors (buffers too)
+    path: Mapped[str] = mapped_column(String(1024))  # relative to Settings.data_dir
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

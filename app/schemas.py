@@ -1,4 +1,5 @@
-"""What the API returns. A job is shown with its progress and, once archived, its artifact."""
+"""What the API returns. A job is shown with its progress and, once archived, its artifact;
+an uploaded dataset or model with what its checks found in the file."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from app.models import Job, JobStatus
+from app.models import Dataset, DatasetFormat, DatasetKind, Job, JobStatus, ModelFormat, UploadedModel
 
 
 class JobProgress(BaseModel):
@@ -76,6 +77,55 @@ class JobOut(BaseModel):
 class JobPage(BaseModel):
     items: list[JobOut]
     total: int = Field(description="jobs matching the filter, over all pages")
+    limit: int
+    offset: int
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    format: DatasetFormat = Field(description="found from the file's content: npz or jsonl")
+    kind: DatasetKind = Field(description="arrays (x, optional labels y) or text")
+    samples: int
+    x_shape: list[int] | None = Field(description="the shape of one sample's x; null for text")
+    has_labels: bool
+    classes: int | None = Field(description="distinct labels in y; null without labels")
+    bytes: int
+    sha256: str
+    created_at: dt.datetime
+
+    @classmethod
+    def from_row(cls, dataset: Dataset) -> DatasetOut:
+        return cls.model_validate(dataset, from_attributes=True)
+
+
+class DatasetPage(BaseModel):
+    items: list[DatasetOut]
+    total: int = Field(description="datasets over all pages")
+    limit: int
+    offset: int
+
+
+class ModelOut(BaseModel):
+    id: str
+    name: str
+    format: ModelFormat
+    architecture: str = Field(description="the model class the worker builds before loading the weights")
+    config: dict[str, Any] = Field(description="as uploaded: the architecture and its arguments")
+    tensors: int
+    parameters: int = Field(description="elements over all tensors, buffers (e.g. BatchNorm statistics) included")
+    bytes: int
+    sha256: str
+    created_at: dt.datetime
+
+    @classmethod
+    def from_row(cls, model: UploadedModel) -> ModelOut:
+        return cls.model_validate(model, from_attributes=True)
+
+
+class ModelPage(BaseModel):
+    items: list[ModelOut]
+    total: int = Field(description="uploaded models over all pages")
     limit: int
     offset: int
 

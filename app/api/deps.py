@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 from app import crud
 from app.core.config import Settings, get_settings
 from app.core.db import new_session
-from app.errors import job_not_found
-from app.models import Job
+from app.errors import dataset_not_found, job_not_found, model_not_found
+from app.models import Dataset, Job, UploadedModel
 
 
 def get_session() -> Iterator[Session]:
@@ -36,3 +36,23 @@ def get_job(session: SessionDep, job_id: Annotated[str, Path(max_length=64)]) ->
 
 
 JobDep = Annotated[Job, Depends(get_job)]
+
+
+def get_dataset(session: SessionDep, dataset_id: Annotated[str, Path(max_length=64)]) -> Dataset:
+    dataset = crud.get_upload(session, Dataset, dataset_id)
+    if dataset is None:
+        raise dataset_not_found(dataset_id)
+    return dataset
+
+
+DatasetDep = Annotated[Dataset, Depends(get_dataset)]
+
+
+def get_uploaded_model(session: SessionDep, model_id: Annotated[str, Path(max_length=64)]) -> UploadedModel:
+    model = crud.get_upload(session, UploadedModel, model_id)
+    if model is None:
+        raise model_not_found(model_id)
+    return model
+
+
+UploadedModelDep = Annotated[UploadedModel, Depends(get_uploaded_model)]

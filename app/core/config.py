@@ -34,6 +34,10 @@ class Settings(BaseSettings):
         60.0, gt=0, description="seconds without a heartbeat after which a running job's worker is presumed lost"
     )
     allow_local_model_paths: bool = Field(False, description="let clients name a model by a path on the worker")
+    max_upload_bytes: int = Field(
+        256 * 2**20, ge=1, description="largest dataset or model file accepted (and largest an .npz may unpack to)"
+    )
+    max_dataset_samples: int = Field(1_000_000, ge=1, description="most samples one uploaded dataset may hold")
 
     @model_validator(mode="before")
     @classmethod
@@ -46,6 +50,16 @@ class Settings(BaseSettings):
         values["broker_url"] = values.get("broker_url") or f"sqla+sqlite:///{data_dir / 'broker.db'}"
         values["artifact_dir"] = Path(values.get("artifact_dir") or data_dir / "artifacts").expanduser().resolve()
         return values
+
+    @property
+    def datasets_dir(self) -> Path:
+        """Uploaded datasets, one folder per dataset id."""
+        return self.data_dir / "datasets"
+
+    @property
+    def models_dir(self) -> Path:
+        """Uploaded models, one folder per model id."""
+        return self.data_dir / "models"
 
     @property
     def work_dir(self) -> Path:

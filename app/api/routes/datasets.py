@@ -1,0 +1,51 @@
+"""/v1/datasets: upload calibration, training or evaluation data; list, inspect, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+
+from app import crud, uploads
+from app.api.deps import DatasetDep, SessionDep, SettingsDep
+from app.models import Dataset
+from app.schemas import DatasetOut, DatasetPage
+from app.upload_stream import form_schema
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+FORM = form_schema(
+    'an .npz (arrays x and optional integer labels y) or a .jsonl file ({"x": [...], "y": 3} or {"text": "..."} '
+    "per line), recognised by its content",
+    name="shown in listings; default: the file's name",
+)
+
+
+@router.post("", status_code=201, response_model=DatasetOut, openapi_extra=FORM)
+async def upload_dataset(
+    request: Request, session: SessionDep, settings: SettingsDep, response: Response
+) -> DatasetOut:
+    """Multipart form: `file` and an optional `name`. The file is checked before it is stored."""
+    dataset = await uploads.receive_dataset(request, session, settings)
+    response.headers["Location"] = f"/v1/datasets/{dataset.id}"
+    return DatasetOut.from_row(dataset)
+
+
+@router.get("", response_model=DatasetPage)
+def list_datasets(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> DatasetPage:
+    items, total = crud.list_uploads(session, Dataset, limit, offset)
+    return DatasetPage(items=[DatasetOut.from_row(d) for d in items], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset: DatasetDep) -> DatasetOut:
+    return DatasetOut.from_row(dataset)
+
+
+@router.delete("/{dataset_id}", status_code=204)
+def delete_dataset(dataset: DatasetDep, session: SessionDep, settings: SettingsDep) -> None:
+    uploads.delete(session, settings, dataset)

@@ -1,0 +1,50 @@
+"""/v1/models: upload a checkpoint in a format that cannot run code when loaded (safetensors
+with a config naming its architecture); list, inspect, delete. Pickles are refused."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+
+from app import crud, uploads
+from app.api.deps import SessionDep, SettingsDep, UploadedModelDep
+from app.models import UploadedModel
+from app.schemas import ModelOut, ModelPage
+from app.upload_stream import form_schema
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+FORM = form_schema(
+    "a .safetensors checkpoint; pickles (.pt, .pth, .bin, .ckpt, torch.save output) are refused with 415",
+    config=f"JSON: the architecture and its arguments, e.g. {uploads.CONFIG_EXAMPLE}",
+    name="shown in listings; default: the file's name",
+)
+
+
+@router.post("", status_code=201, response_model=ModelOut, openapi_extra=FORM)
+async def upload_model(request: Request, session: SessionDep, settings: SettingsDep, response: Response) -> ModelOut:
+    """Multipart form: `file`, `config` and an optional `name`. The file is checked before it is stored."""
+    model = await uploads.receive_model(request, session, settings)
+    response.headers["Location"] = f"/v1/models/{model.id}"
+    return ModelOut.from_row(model)
+
+
+@router.get("", response_model=ModelPage)
+def list_models(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> ModelPage:
+    items, total = crud.list_uploads(session, UploadedModel, limit, offset)
+    return ModelPage(items=[ModelOut.from_row(m) for m in items], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{model_id}", response_model=ModelOut)
+def get_model(model: UploadedModelDep) -> ModelOut:
+    return ModelOut.from_row(model)
+
+
+@router.delete("/{model_id}", status_code=204)
+def delete_model(model: UploadedModelDep, session: SessionDep, settings: SettingsDep) -> None:
+    uploads.delete(session, settings, model)

@@ -1,0 +1,177 @@
+"""Uploaded datasets and models: receive the file, check it, store it where the worker finds
+it, record it.
+
+An upload is streamed into `<id>.partial/` beside its final folder, checked there, synced to
+disk, renamed to `<id>/` in one step, and only then recorded. A crash at any point leaves at
+most an unreferenced folder, never a row that points at a half-written or unchecked file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import Request
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from app import crud, dataset_files, model_files, upload_stream
+from app.core.config import Settings
+from app.errors import validation_problem
+from app.models import Dataset, ModelFormat, UploadedModel
+from app.upload_stream import Upload
+
+# The model classes an uploaded checkpoint may name: name -> "module:Class", resolved by the
+# worker when it builds the model (the API only checks the name).
+ARCHITECTURES: dict[str, str] = {
+    "digits-cnn": "quantcore.models.digits_cnn:DigitsCNN",
+}
+MAX_NAME = 255
+Row = TypeVar("Row", Dataset, UploadedModel)
+CONFIG_EXAMPLE = '{"architecture": "digits-cnn", "width": 16}'
+
+
+async def receive_dataset(request: Request, session: Session, settings: Settings) -> Dataset:
+    dataset_id = uuid.uuid4().hex
+    staging = settings.datasets_dir / f"{dataset_id}.partial"
+    try:
+        upload = await upload_stream.receive(
+            request, staging / "upload", settings.max_upload_bytes, frozenset({"name"})
+        )
+        return await run_in_threadpool(_store_dataset, session, settings, dataset_id, upload)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once published
+
+
+def _store_dataset(session: Session, settings: Settings, dataset_id: str, upload: Upload) -> Dataset:
+    name = _name(upload)
+    summary = dataset_files.inspect(upload.path, settings.max_dataset_samples, settings.max_upload_bytes)
+    path = _publish(upload, settings.datasets_dir / dataset_id, f"data.{summary.format.value}")
+    row = Dataset(
+        id=dataset_id,
+        name=name,
+        format=summary.format,
+        kind=summary.kind,
+        samples=summary.samples,
+        x_shape=summary.x_shape,
+        has_labels=summary.has_labels,
+        classes=summary.classes,
+        path=path.relative_to(settings.data_dir).as_posix(),
+        bytes=upload.bytes,
+        sha256=upload.sha256,
+    )
+    return _record(session, row, path.parent)
+
+
+async def receive_model(request: Request, session: Session, settings: Settings) -> UploadedModel:
+    model_id = uuid.uuid4().hex
+    staging = settings.models_dir / f"{model_id}.partial"
+    try:
+        upload = await upload_stream.receive(
+            request,
+            staging / "upload",
+            settings.max_upload_bytes,
+            frozenset({"name", "config"}),
+            check_filename=model_files.check_filename,
+        )
+        return await run_in_threadpool(_store_model, session, settings, model_id, upload)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _store_model(session: Session, settings: Settings, model_id: str, upload: Upload) -> UploadedModel:
+    name = _name(upload)
+    summary = model_files.inspect(upload.path)  # first: a pickle is refused whatever its config
+    config = parse_config(upload.fields.get("config"))
+    path = _publish(upload, settings.models_dir / model_id, "model.safetensors")
+    row = UploadedModel(
+        id=model_id,
+        name=name,
+        format=ModelFormat.SAFETENSORS,
+        architecture=config["architecture"],
+        config=config,
+        tensors=summary.tensors,
+        parameters=summary.parameters,
+        path=path.relative_to(settings.data_dir).as_posix(),
+        bytes=upload.bytes,
+        sha256=upload.sha256,
+    )
+    return _record(session, row, path.parent)
+
+
+def parse_config(text: str | None) -> dict[str, Any]:
+    """The `config` form field: a JSON object naming a known architecture; its other keys are
+    the architecture's arguments, checked by the worker when it builds the model."""
+    known = ", ".join(sorted(ARCHITECTURES))
+
+    def bad(msg: str, *loc: str, slug: str = "validation-error", title: str = "Invalid request"):
+        return validation_problem([{"loc": ["body", "config", *loc], "msg": msg}], slug=slug, title=title)
+
+    if text is None:
+        raise bad(f"required with a safetensors file: a JSON object naming the architecture, e.g. {CONFIG_EXAMPLE}")
+    try:
+        config = json.loads(text, parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise bad(f"not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise bad(f"must be a JSON object, e.g. {CONFIG_EXAMPLE}")
+    architecture = config.get("architecture")
+    if not isinstance(architecture, str):
+        raise bad(f"required: the name of the model's architecture, one of: {known}", "architecture")
+    if architecture not in ARCHITECTURES:
+        msg = f"unknown architecture '{architecture}'; known: {known}"
+        raise bad(msg, "architecture", slug="unknown-architecture", title="Unknown architecture")
+    return config
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def delete(session: Session, settings: Settings, row: Dataset | UploadedModel) -> None:
+    """Forget the row, then remove its folder (a crash in between leaves only an unreferenced folder)."""
+    folder = settings.data_dir / Path(row.path).parent
+    crud.delete_upload(session, row)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _name(upload: Upload) -> str:
+    """The `name` field, or else the file's name."""
+    if "name" not in upload.fields:
+        return upload.filename[:MAX_NAME] or "upload"
+    name = upload.fields["name"].strip()
+    if not 1 <= len(name) <= MAX_NAME:
+        raise validation_problem([{"loc": ["body", "name"], "msg": f"must be 1 to {MAX_NAME} characters"}])
+    return name
+
+
+def _publish(upload: Upload, folder: Path, filename: str) -> Path:
+    """Move the checked upload to `folder/filename`: its staging folder is renamed in one step."""
+    staged = upload.path.parent
+    upload.path.rename(staged / filename)
+    staged.rename(folder)
+    _fsync_dir(folder)
+    _fsync_dir(folder.parent)  # the rename itself is durable before the row is written
+    return folder / filename
+
+
+def _record(session: Session, row: Row, folder: Path) -> Row:
+    try:
+        return crud.add_upload(session, row)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name == "nt":  # directories cannot be opened for fsync there
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
