@@ -1,0 +1,279 @@
+"""Classic PTQ and QAT jobs: a small classifier (a CNN) and array data, the four levels of
+effort of the roadmap seed as two job types.
+
+    ptq  level 1-2: rtn, dfq (data-free; with data, empirical bias correction), adaround,
+         brecq; then static activation quantization calibrated on the data
+    qat  level 3-4: fine-tuning through fake-quantizers (`quantcore.algorithms.qat`), with
+         per-epoch progress, early stopping and the loss curve in the report
+
+    load model and data → float accuracy → quantize → quantized accuracy → export artifact
+
+Labels are optional: without them, accuracy is agreement with the float model's predictions,
+and QAT distills the float model's outputs. Everything the job writes goes under `output_dir`.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
+from safetensors.torch import save_file
+from torch import nn
+
+from quantcore.algorithms.qat import QATOptions, prepare_qat, train_qat
+from quantcore.algorithms.quantsim import bits_per_layer, export_quantsim, static_quantsim, wrap_layers
+from quantcore.export.artifact import write_json, write_manifest
+from quantcore.job import JobRequest, environment
+from quantcore.job_pipeline import seed_everything
+from quantcore.models.classifiers import Arrays, check_fits, load_arrays, load_classifier
+
+
+UPLOAD = re.compile(r"^upload:[0-9a-f]{32}$")
+
+
+def _check_ref(value: str) -> str:
+    value = value.strip()
+    if value.startswith("upload:") and not UPLOAD.match(value):
+        raise ValueError(f"'{value}': an upload is named 'upload:<id>', the id the upload returned")
+    return value
+
+
+class ClassicData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train: str = Field("bundled:digits", description="calibration / training arrays: 'bundled:digits' or an .npz")
+    evaluation: str | None = Field(None, description="held-out arrays; default: bundled data's test split, "
+                                   "or `evaluation_fraction` of the training arrays")
+    evaluation_fraction: float = Field(0.2, gt=0, lt=1)
+    calibration_samples: int = Field(256, ge=1, le=100_000, description="PTQ calibration samples (from train)")
+
+    @field_validator("train", "evaluation")
+    @classmethod
+    def _ref(cls, v: str | None) -> str | None:
+        return None if v is None else _check_ref(v)
+
+
+class PTQSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["rtn", "dfq", "adaround", "brecq"] = "adaround"
+    weight_bits: int = Field(4, ge=2, le=8)
+    activation_bits: int | None = Field(8, ge=2, le=8, description="None keeps activations float")
+    first_last_bits: int | None = Field(8, ge=2, le=8)
+    iterations: int = Field(2000, ge=1, le=100_000, description="AdaRound / BRECQ steps per layer or block")
+
+
+class ClassicJobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["ptq", "qat"]
+    model: str = Field("bundled:digits-cnn", description="'bundled:digits-cnn' or a folder with model.safetensors + config.json")
+    data: ClassicData = Field(default_factory=ClassicData)
+    ptq: PTQSpec | None = None
+    qat: QATOptions | None = None
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @field_validator("model")
+    @classmethod
+    def _ref(cls, v: str) -> str:
+        return _check_ref(v)
+
+    def spec(self) -> dict:
+        """What the job does, as stored beside it (the counterpart of a recipe)."""
+        return {"kind": self.kind, **({"ptq": self.ptq.model_dump(mode="json")} if self.ptq else {}),
+                **({"qat": self.qat.model_dump(mode="json")} if self.qat else {})}
+
+    @model_validator(mode="after")
+    def _one_spec(self) -> "ClassicJobRequest":
+        if self.kind == "ptq":
+            if self.qat is not None:
+                raise ValueError("qat: a 'ptq' job takes a 'ptq' spec, not 'qat'")
+            self.ptq = self.ptq or PTQSpec()
+        else:
+            if self.ptq is not None:
+                raise ValueError("ptq: a 'qat' job takes a 'qat' spec, not 'ptq'")
+            self.qat = self.qat or QATOptions()
+        return self
+
+
+def _job_kind(value: Any) -> str | None:
+    kind = value.get("kind", "recipe") if isinstance(value, dict) else getattr(value, "kind", "recipe")
+    return {"recipe": "recipe", "ptq": "classic", "qat": "classic"}.get(kind)
+
+
+# What POST /v1/jobs takes: a recipe job (LLMs, encoders; no `kind`) or a classic ptq / qat job.
+JobSpec = Annotated[
+    Union[Annotated[JobRequest, Tag("recipe")], Annotated[ClassicJobRequest, Tag("classic")]],
+    Discriminator(_job_kind, custom_error_type="invalid_kind",
+                  custom_error_message="kind must be 'ptq' or 'qat' (classic jobs), or absent for a recipe job"),
+]
+JOB_SPEC: TypeAdapter = TypeAdapter(JobSpec)
+
+Locate = Callable[[str, str], Path]  # ("model" | "data", "upload:<id>") -> where the upload's files are
+
+
+def _open(ref: str, what: str, locate: Locate | None, allow_local_paths: bool) -> tuple[str, bool]:
+    """An upload's files are the service's own: they are read even where client paths are not."""
+    if ref.startswith("upload:"):
+        if locate is None:
+            raise ValueError(f"'{ref}': uploads are resolved by the qforge service; pass a path instead")
+        return str(locate(what, ref)), True
+    return ref, allow_local_paths
+
+
+def _split(request: ClassicJobRequest, allow_local_paths: bool, locate: Locate | None = None) -> tuple[Arrays, Arrays]:
+    data = request.data
+    train = load_arrays(*_arrays_args(data.train, "train", request.seed, locate, allow_local_paths))
+    if data.evaluation is not None:
+        return train, load_arrays(*_arrays_args(data.evaluation, "test", request.seed, locate, allow_local_paths))
+    if data.train.startswith("bundled:"):
+        return train, load_arrays(data.train, "test", request.seed)
+    order = torch.randperm(len(train.x), generator=torch.Generator().manual_seed(request.seed))
+    held = max(1, int(len(order) * data.evaluation_fraction))
+    if held >= len(order):
+        raise ValueError(f"data.train: {len(order)} samples are too few to hold out an evaluation share")
+
+    def part(index):
+        return Arrays(train.x[index], None if train.y is None else train.y[index])
+
+    return part(order[held:]), part(order[:held])
+
+
+def _arrays_args(ref: str, part: str, seed: int, locate: Locate | None, allow_local_paths: bool) -> tuple:
+    path, allowed = _open(ref, "data", locate, allow_local_paths)
+    return path, part, seed, allowed
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + 256]) for i in range(0, len(x), 256)])
+
+
+def _accuracy(outputs: torch.Tensor, labels: torch.Tensor) -> float:
+    return round(float((outputs.argmax(1) == labels).float().mean()) * 100, 4)
+
+
+def _ptq(model: nn.Module, spec: PTQSpec, train: Arrays, calibration_samples: int, seed: int, progress) -> dict[str, int]:
+    """Quantize in place; returns each layer's weight bits."""
+    from quantcore.algorithms.adaround import AdaRoundOptions, adaround_model
+    from quantcore.algorithms.brecq import brecq_model
+    from quantcore.algorithms.dfq import data_free_quantize, fold_batchnorm, weight_quantizer
+    from quantcore.schemes import QuantScheme
+
+    calibration = train.x[:calibration_samples]
+    labels = None if train.y is None else train.y[:calibration_samples]
+    fold_batchnorm(model)  # a deployed network has no BN; DFQ would fold it first anyway
+    schemes = {name: QuantScheme(bits=b, granularity="tensor")
+               for name, b in bits_per_layer(model, spec.weight_bits, spec.first_last_bits).items()}
+    progress("quantize", 0, 2, f"{spec.method}: weights")
+    if spec.method == "rtn":
+        with torch.no_grad():
+            for name, scheme in schemes.items():
+                layer = model.get_submodule(name)
+                layer.weight.copy_(weight_quantizer(scheme)(layer.weight.detach()))
+    elif spec.method == "dfq":
+        per_layer = {name: weight_quantizer(scheme) for name, scheme in schemes.items()}
+        data_free_quantize(model, None, data=[calibration], example_input=calibration[:1], per_layer=per_layer)
+    elif spec.method == "adaround":
+        adaround_model(model, None, [calibration], AdaRoundOptions(iterations=spec.iterations), seed, per_layer=schemes)
+    else:
+        brecq_model(model, schemes, calibration, labels, AdaRoundOptions(iterations=spec.iterations), seed)
+    progress("quantize", 1, 2, f"{spec.method}: activations")
+    if spec.activation_bits is not None:
+        static_quantsim(model, spec.activation_bits, [calibration], spec.first_last_bits)
+    else:  # weights are on their grids already; wrap so the export describes every layer alike
+        wrap_layers(model, {name: s.bits for name, s in schemes.items()}, None, lambda *_: None, lambda *_: None)
+    progress("quantize", 2, 2, f"{spec.method}: done")
+    return {name: scheme.bits for name, scheme in schemes.items()}
+
+
+def run_classic_job(request: ClassicJobRequest, output_dir: Path, progress=None, allow_local_paths: bool = True,
+                    locate: Locate | None = None) -> dict:
+    """Run `request`; the artifact folder goes to `output_dir / "artifact"`; returns the report.
+    `locate` finds the files of 'upload:<id>' references (the service's uploads)."""
+    progress = progress or (lambda stage, current, total, message="": None)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(request.seed)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    progress("load", 0, 1, request.model)
+    model_path, model_allowed = _open(request.model, "model", locate, allow_local_paths)
+    model = load_classifier(model_path, request.seed, model_allowed)
+    train, held_out = _split(request, allow_local_paths, locate)
+    classes = check_fits(model, train)
+    check_fits(model, held_out)
+    progress("load", 1, 1, f"{type(model).__name__}, {len(train.x)} training and {len(held_out.x)} evaluation samples")
+    timings["load_s"] = round(time.perf_counter() - started, 3)
+
+    float_outputs = _predict(model, held_out.x)
+    reference = held_out.y if held_out.y is not None else float_outputs.argmax(1)
+    metric = "top1" if held_out.y is not None else "agreement_with_float"
+    baseline = {metric: _accuracy(float_outputs, reference)}
+    progress("baseline", 1, 1, f"float {metric} {baseline[metric]:.2f} %")
+
+    start = time.perf_counter()
+    teacher = copy.deepcopy(model)
+    training: dict | None = None
+    ptq_bits: dict[str, int] = {}
+    if request.kind == "ptq":
+        assert request.ptq is not None
+        ptq_bits = _ptq(model, request.ptq, train, request.data.calibration_samples, request.seed, progress)
+    else:
+        assert request.qat is not None
+        options = request.qat
+        if train.y is None and options.loss == "cross_entropy":
+            options = options.model_copy(update={"loss": "distill_mse"})  # no labels: learn the float model's outputs
+        prepare_qat(model, options, train.x[: request.data.calibration_samples])
+
+        def epoch_done(epoch: int, record: dict) -> None:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch")
+            progress("quantize", epoch, options.epochs, f"epoch {epoch}: {shown}")
+
+        labels = train.y if train.y is not None else torch.zeros(len(train.x), dtype=torch.long)
+        report = train_qat(model, train.x, labels, options, epoch_done, teacher=teacher)
+        training = {"options": options.model_dump(mode="json"), "epochs": report.epochs,
+                    "best_epoch": report.best_epoch, "stopped_early": report.stopped_early}
+    timings["quantize_s"] = round(time.perf_counter() - start, 3)
+
+    quantized = {metric: _accuracy(_predict(model, held_out.x), reference)}
+    progress("evaluate", 1, 1, f"quantized {metric} {quantized[metric]:.2f} %")
+
+    progress("export", 0, 1, "writing artifact")
+    folder = output_dir / "artifact"
+    if folder.exists():
+        shutil.rmtree(folder)  # a retried job starts its export afresh
+    folder.mkdir(parents=True)
+    tensors, layers = export_quantsim(model)
+    for name, bits in ptq_bits.items():  # PTQ'd weights are on their grids: no weight quantizer left to describe them
+        layers[name]["weight"] = {"method": request.ptq.method, "bits": bits, "granularity": "tensor"}
+    save_file(tensors, str(folder / "model.safetensors"))
+    report = {
+        "format": "qforge-report/1",
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "kind": request.kind,
+        "model": {"ref": request.model, "class": type(model).__name__, "classes": classes},
+        "request": request.model_dump(mode="json"),
+        "seed": request.seed,
+        "metrics": {"baseline": baseline, "quantized": quantized,
+                    "delta": {f"{metric}_points": round(quantized[metric] - baseline[metric], 4)}},
+        "layers": [{"name": name, **entry} for name, entry in layers.items()],
+        "training": training,
+        "timings": timings,
+        "versions": environment(),
+    }
+    write_json(folder / "quantization.json", {"format": "qforge-quantsim/1", "layers": layers})
+    write_json(folder / "report.json", report)
+    write_manifest(folder)
+    progress("export", 1, 1, "artifact written")
+    report["timings"]["total_s"] = round(time.perf_counter() - started, 3)
+    return report
