@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.models import TERMINAL, Dataset, Job, JobStatus, UploadedModel, utcnow
+from quantcore.classic_job import ClassicJobRequest
 from quantcore.job import JobRequest
 
 Upload = TypeVar("Upload", Dataset, UploadedModel)
@@ -23,7 +24,7 @@ def find_by_idempotency_key(session: Session, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.idempotency_key == key))
 
 
-def create_job(session: Session, request: JobRequest, idempotency_key: str | None) -> tuple[Job, bool]:
+def create_job(session: Session, request: JobRequest | ClassicJobRequest, idempotency_key: str | None) -> tuple[Job, bool]:
     """Insert a queued job and commit; returns (job, created). With a key already used, the
     existing job is returned instead (also when two submissions race to insert it)."""
     if idempotency_key and (existing := find_by_idempotency_key(session, idempotency_key)):
@@ -31,7 +32,7 @@ def create_job(session: Session, request: JobRequest, idempotency_key: str | Non
     job = Job(
         status=JobStatus.QUEUED,
         model=request.model,
-        recipe=request.recipe.model_dump(mode="json"),
+        recipe=request.spec() if isinstance(request, ClassicJobRequest) else request.recipe.model_dump(mode="json"),
         request=request.model_dump(mode="json"),
         idempotency_key=idempotency_key,
         progress_current=0,

@@ -10,10 +10,39 @@ from sqlalchemy.orm import Session
 from app import crud, queue
 from app.core.config import Settings
 from app.errors import Problem, validation_problem
-from app.models import Job, JobStatus
+from app.models import Dataset, DatasetKind, Job, JobStatus, UploadedModel
+from quantcore.classic_job import ClassicJobRequest
 from quantcore.job import JobRequest
 
 log = logging.getLogger(__name__)
+
+
+def check_classic(session: Session, request: ClassicJobRequest, settings: Settings) -> None:
+    """A classic job's model and data must be bundled or uploaded here (or, where the service
+    allows local paths, paths): an unknown one is the client's error, found now."""
+    from quantcore.models.classifiers import BUNDLED_CLASSIFIERS, BUNDLED_DATA
+
+    refs = [("model", request.model, UploadedModel, BUNDLED_CLASSIFIERS), ("data.train", request.data.train, Dataset, BUNDLED_DATA)]
+    if request.data.evaluation is not None:
+        refs.append(("data.evaluation", request.data.evaluation, Dataset, BUNDLED_DATA))
+    for field, ref, table, bundled in refs:
+        what = "model" if table is UploadedModel else "dataset"
+        if ref.startswith("upload:"):
+            row = crud.get_upload(session, table, ref.removeprefix("upload:"))
+            if row is None:
+                message = f"no uploaded {what} '{ref}': upload it with POST /v1/{what}s first"
+            elif isinstance(row, Dataset) and row.kind != DatasetKind.ARRAYS:
+                message = f"'{ref}' is a text dataset; classic jobs train and calibrate on arrays (x, y)"
+            else:
+                continue
+        elif ref in bundled:
+            continue
+        elif not ref.startswith("bundled:") and settings.allow_local_model_paths:
+            continue
+        else:
+            message = f"'{ref}': name an upload ('upload:<id>') or bundled {what} ({', '.join(bundled)})"
+        error = {"loc": ["body", *field.split(".")], "msg": message, "type": f"unknown_{what}"}
+        raise validation_problem([error], slug=f"unknown-{what}", title=f"Unknown {what}")
 
 
 def check_model(request: JobRequest, settings: Settings) -> None:
@@ -29,9 +58,14 @@ def check_model(request: JobRequest, settings: Settings) -> None:
         raise validation_problem([{"loc": ["body", "model"], "msg": str(exc), "type": "value_error"}]) from None
 
 
-def submit(session: Session, request: JobRequest, idempotency_key: str | None, settings: Settings) -> tuple[Job, bool]:
-    """Validate the model, store the job, then enqueue it; returns (job, created)."""
-    check_model(request, settings)
+def submit(
+    session: Session, request: JobRequest | ClassicJobRequest, idempotency_key: str | None, settings: Settings
+) -> tuple[Job, bool]:
+    """Validate the model (and data), store the job, then enqueue it; returns (job, created)."""
+    if isinstance(request, ClassicJobRequest):
+        check_classic(session, request, settings)
+    else:
+        check_model(request, settings)
     job, created = crud.create_job(session, request, idempotency_key)
     if not created:
         if job.request != request.model_dump(mode="json"):

@@ -87,6 +87,8 @@ def _store_model(session: Session, settings: Settings, model_id: str, upload: Up
     name = _name(upload)
     summary = model_files.inspect(upload.path)  # first: a pickle is refused whatever its config
     config = parse_config(upload.fields.get("config"))
+    # Beside the weights, as quantcore's loader reads a model folder (model.safetensors + config.json)
+    (upload.path.parent / "config.json").write_text(json.dumps(config))
     path = _publish(upload, settings.models_dir / model_id, "model.safetensors")
     row = UploadedModel(
         id=model_id,

@@ -48,15 +48,22 @@ def execute(job_id: str, attempt: int, request_data: dict, settings: Settings) -
 def _run_and_record(
     job_id: str, attempt: int, request_data: dict, settings: Settings, work: Path, archive: Path
 ) -> None:
+    import quantcore.job
+    from quantcore.classic_job import JOB_SPEC, ClassicJobRequest, run_classic_job
     from quantcore.export import archive_artifact
-    from quantcore.job import JobCancelled, JobRequest, run_job
+    from quantcore.job import JobCancelled
     from worker.progress import ProgressReporter
 
     beat_s = min(10.0, settings.job_heartbeat_timeout / 4)
     try:
-        request = JobRequest.model_validate(request_data)
+        request = JOB_SPEC.validate_python(request_data)
+        local = settings.allow_local_model_paths
         with ProgressReporter(job_id, attempt, heartbeat_interval_s=beat_s) as progress:
-            report = run_job(request, work, progress, allow_local_paths=settings.allow_local_model_paths)
+            if isinstance(request, ClassicJobRequest):
+                locate = lambda what, ref: upload_folder(settings, what, ref)  # noqa: E731
+                report = run_classic_job(request, work, progress, allow_local_paths=local, locate=locate)
+            else:
+                report = quantcore.job.run_job(request, work, progress, allow_local_paths=local)
             archived = archive_artifact(work / "artifact", archive)
         state.succeed(job_id, attempt, report, archive.name, archived["sha256"], archived["bytes"])
         log.info("job %s: succeeded; artifact %s, %d bytes", job_id, archive, archived["bytes"])
@@ -70,6 +77,15 @@ def _run_and_record(
         _remove(archive)
         state.fail(job_id, attempt, failure_reason(exc))
         log.warning("job %s: failed: %s", job_id, failure_reason(exc), exc_info=True)
+
+
+def upload_folder(settings: Settings, what: str, ref: str) -> Path:
+    """Where an upload's files are: `<data_dir>/models/<id>` or `<data_dir>/datasets/<id>`
+    (the request was validated: the id is hex, it cannot leave the folder)."""
+    folder = (settings.models_dir if what == "model" else settings.datasets_dir) / ref.removeprefix("upload:")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the {what} '{ref}' is no longer stored (was it deleted?)")
+    return folder
 
 
 def failure_reason(exc: BaseException) -> str:

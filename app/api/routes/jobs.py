@@ -14,14 +14,14 @@ from app.errors import Problem
 from app.events import job_events
 from app.models import JobStatus
 from app.schemas import JobOut, JobPage
-from quantcore.job import JobRequest
+from quantcore.classic_job import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 @router.post("", status_code=202, response_model=JobOut)
 def submit_job(
-    request: JobRequest,
+    request: JobSpec,
     session: SessionDep,
     settings: SettingsDep,
     response: Response,
