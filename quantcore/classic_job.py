@@ -60,6 +60,17 @@ class ClassicData(BaseModel):
         return None if v is None else _check_ref(v)
 
 
+class RegularizeSpec(BaseModel):
+    """Quantization-friendly float fine-tuning before PTQ (`range_regularizers.py`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["kure", "linf", "margin", "soft_min_max"] = "kure"
+    strength: float = Field(0.01, ge=0, le=1000)
+    epochs: int = Field(5, ge=1, le=1000)
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+
+
 class PTQSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -68,6 +79,7 @@ class PTQSpec(BaseModel):
     activation_bits: int | None = Field(8, ge=2, le=8, description="None keeps activations float")
     first_last_bits: int | None = Field(8, ge=2, le=8)
     iterations: int = Field(2000, ge=1, le=100_000, description="AdaRound / BRECQ steps per layer or block")
+    regularize: RegularizeSpec | None = Field(None, description="fine-tune the float model with R² / KURE first")
 
 
 class ClassicJobRequest(BaseModel):
@@ -161,6 +173,28 @@ def _accuracy(outputs: torch.Tensor, labels: torch.Tensor) -> float:
     return round(float((outputs.argmax(1) == labels).float().mean()) * 100, 4)
 
 
+def _regularize(model: nn.Module, spec: RegularizeSpec, train: Arrays, seed: int, progress) -> list[dict]:
+    """Fine-tune the float model on its task (or, without labels, on its own outputs) plus the
+    range regularizer; returns the per-epoch records."""
+    import torch.nn.functional as F
+
+    from quantcore.algorithms.range_regularizers import regularized_finetune
+
+    if train.y is not None:
+        targets, loss = train.y, F.cross_entropy
+    else:
+        targets, loss = _predict(model, train.x), F.mse_loss
+
+    def epoch_done(epoch: int, record: dict) -> None:
+        progress("quantize", epoch, spec.epochs, f"{spec.kind} fine-tuning, epoch {epoch}: task loss {record['task_loss']:.4g}, "
+                 f"{spec.kind} {record['regularizer']:.4g}")
+
+    records = regularized_finetune(model, (train.x, targets), loss, spec.kind, spec.strength, spec.epochs,
+                                   spec.learning_rate, seed, epoch_done)
+    model.eval()
+    return records
+
+
 def _ptq(model: nn.Module, spec: PTQSpec, train: Arrays, calibration_samples: int, seed: int, progress) -> dict[str, int]:
     """Quantize in place; returns each layer's weight bits."""
     from quantcore.algorithms.adaround import AdaRoundOptions, adaround_model
@@ -227,6 +261,9 @@ def run_classic_job(request: ClassicJobRequest, output_dir: Path, progress=None,
     ptq_bits: dict[str, int] = {}
     if request.kind == "ptq":
         assert request.ptq is not None
+        if request.ptq.regularize is not None:
+            records = _regularize(model, request.ptq.regularize, train, request.seed, progress)
+            training = {"regularize": request.ptq.regularize.model_dump(mode="json"), "epochs": records}
         ptq_bits = _ptq(model, request.ptq, train, request.data.calibration_samples, request.seed, progress)
     else:
         assert request.qat is not None
