@@ -73,7 +73,10 @@ METHODS: dict[str, tuple[str, str, str | dict]] = {
     "minilm-adaround-w8a8": (MINILM, "W8A8 (token)", {
         "name": "w8a8-adaround (MiniLM)",
         "stages": [{"algorithm": "adaround", "weights": {"bits": 8, "granularity": "channel"},
-                    "activations": {"bits": 8, "granularity": "token", "dynamic": True}, "ignore": MINILM_IGNORE}],
+                    "activations": {"bits": 8, "granularity": "token", "dynamic": True}, "ignore": MINILM_IGNORE,
+                    # 300 steps per layer: each step costs ~30 elementwise passes over the weight
+                    # on top of the matmuls, so the default 1000 takes over an hour on 2 cores
+                    "options": {"iterations": 300}}],
     }),
 }
 

@@ -67,17 +67,25 @@ class LearnedRounding(nn.Module):
 
     def __init__(self, W: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: float, qmax: float) -> None:
         super().__init__()
+        # The grid is fixed: only V learns (and nothing here may hold on to a caller's graph)
+        W, scale, zero_point = W.detach(), scale.detach(), zero_point.detach()
         self.scale, self.zero_point, self.qmin, self.qmax = scale, zero_point, qmin, qmax
         self.floor = torch.floor(W / scale)
         self.nearest_codes = torch.round(W / scale)
+        self.zero_free = not bool(zero_point.any())
         self.V = nn.Parameter(_initial_V(W / scale - self.floor))
 
     def _on_grid(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.zero_free:  # symmetric grids: two elementwise passes fewer per step
+            return self.scale * codes.clamp(self.qmin, self.qmax)
         return self.scale * ((codes + self.zero_point).clamp(self.qmin, self.qmax) - self.zero_point)
 
-    def soft(self) -> torch.Tensor:
-        """W̃ with h(V) in [0, 1]: what the optimisation sees."""
-        return self._on_grid(self.floor + rectified_sigmoid(self.V))
+    def h(self) -> torch.Tensor:
+        return rectified_sigmoid(self.V)
+
+    def soft(self, h: torch.Tensor | None = None) -> torch.Tensor:
+        """W̃ with h(V) in [0, 1]: what the optimisation sees (pass this step's h to reuse it)."""
+        return self._on_grid(self.floor + (self.h() if h is None else h))
 
     def hard(self) -> torch.Tensor:
         """W̃ rounded up where h(V) ≥ 0.5 (V ≥ 0)."""
@@ -86,9 +94,10 @@ class LearnedRounding(nn.Module):
     def nearest(self) -> torch.Tensor:
         return self._on_grid(self.nearest_codes)
 
-    def regularizer(self, beta: float) -> torch.Tensor:
+    def regularizer(self, beta: float, h: torch.Tensor | None = None) -> torch.Tensor:
         """Σ (1 − |2h(V) − 1|^β): zero only when every h(V) is 0 or 1."""
-        return (1 - (2 * rectified_sigmoid(self.V) - 1).abs().pow(beta)).sum()
+        h = self.h() if h is None else h
+        return (1 - (2 * h - 1).abs().pow(beta)).sum()
 
 
 def annealed_beta(step: int, options: AdaRoundOptions) -> float | None:
@@ -108,9 +117,10 @@ class _LayerOp:
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         layer = self.layer
+        bias = None if layer.bias is None else layer.bias.detach()  # fixed: no gradient to compute or leave behind
         if isinstance(layer, nn.Linear):
-            return F.linear(x, weight, layer.bias)
-        return layer._conv_forward(x, weight, layer.bias)
+            return F.linear(x, weight, bias)
+        return layer._conv_forward(x, weight, bias)
 
 
 def adaround_layer(
@@ -139,11 +149,12 @@ def adaround_layer(
 
     for step in range(options.iterations):
         index = torch.randint(0, samples, (batch,), generator=generator)
+        h = rounding.h()
         # Squared error summed over output channels, averaged over output rows (tokens, pixels)
-        loss = (op(inputs_quantized[index], rounding.soft()) - target[index]).pow(2).sum() / (batch * rows_per_sample)
+        loss = (op(inputs_quantized[index], rounding.soft(h)) - target[index]).pow(2).sum() / (batch * rows_per_sample)
         beta = annealed_beta(step, options)
         if beta is not None:
-            loss = loss + options.regularization * rounding.regularizer(beta)
+            loss = loss + options.regularization * rounding.regularizer(beta, h)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -144,10 +144,11 @@ def reconstruct_block(block: Block, inputs_float: torch.Tensor, inputs_quantized
 
     for step in range(options.iterations):
         index = torch.randint(0, samples, (batch,), generator=generator)
-        loss = error({f"{n}.weight": r.soft() for n, r in roundings.items()}, index)
+        h = {n: r.h() for n, r in roundings.items()}
+        loss = error({f"{n}.weight": r.soft(h[n]) for n, r in roundings.items()}, index)
         beta = annealed_beta(step, options)
         if beta is not None:
-            loss = loss + options.regularization * sum(r.regularizer(beta) for r in roundings.values())
+            loss = loss + options.regularization * sum(r.regularizer(beta, h[n]) for n, r in roundings.items())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
