@@ -9,6 +9,16 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: on small tensors, thread hand-offs on a shared machine
+    cost more than the arithmetic they split."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_qforge_cache(tmp_path_factory):
     if "QFORGE_TEST_KEEP_CACHE" not in os.environ:

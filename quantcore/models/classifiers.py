@@ -84,15 +84,46 @@ def load_arrays(ref: str, part: str = "train", seed: int = 0, allow_local_paths:
         raise DataError(f"'{ref}': name bundled data ({', '.join(BUNDLED_DATA)}) or an uploaded dataset")
     path = Path(ref).expanduser()
     if path.is_dir():
-        found = sorted(path.glob("*.npz"))
+        found = sorted(path.glob("*.npz")) + sorted(path.glob("*.jsonl"))
         if len(found) != 1:
-            raise DataError(f"'{ref}': expected one .npz file in the folder, found {len(found)}")
+            raise DataError(f"'{ref}': expected one .npz or .jsonl file in the folder, found {len(found)}")
         path = found[0]
+    if path.suffix == ".jsonl":
+        return _jsonl_arrays(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
     except (OSError, ValueError) as exc:  # ValueError: an object array (a pickle inside)
         raise DataError(f"{path.name}: not a readable .npz of plain arrays ({exc})") from None
+    return check_arrays(arrays, path.name)
+
+
+def _jsonl_arrays(path: Path) -> Arrays:
+    """One {"x": nested list of numbers, "y": optional label} per line."""
+    xs, ys = [], []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                xs.append(np.asarray(record["x"], dtype=np.float32))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise DataError(f"{path.name}, line {number}: not an object with a numeric 'x' ({exc})") from None
+            if "y" in record:
+                ys.append(record["y"])
+    if not xs:
+        raise DataError(f"{path.name}: no samples")
+    if len({x.shape for x in xs}) != 1:
+        raise DataError(f"{path.name}: every 'x' must have the same shape")
+    if ys and len(ys) != len(xs):
+        raise DataError(f"{path.name}: some lines have a label 'y' and others not")
+    arrays = {"x": np.stack(xs)}
+    if ys:
+        try:
+            arrays["y"] = np.asarray(ys, dtype=np.int64)
+        except (TypeError, ValueError, OverflowError):
+            raise DataError(f"{path.name}: every 'y' must be an integer label") from None
     return check_arrays(arrays, path.name)
 
 

@@ -17,12 +17,7 @@ from quantcore.models.digits_cnn import digits_split, train_digits_cnn
 from quantcore.models.refs import UnsafeModelError, UnsupportedModelError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: thread hand-offs cost more than they save
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +32,9 @@ def user_files(tmp_path_factory):
     np.savez(folder / "train.npz", x=split.train_x[:600].numpy(), y=split.train_y[:600].numpy())
     np.savez(folder / "test.npz", x=split.test_x.numpy(), y=split.test_y.numpy())
     np.savez(folder / "unlabelled.npz", x=split.train_x[:400].numpy())
+    with open(folder / "train.jsonl", "w") as f:
+        for x, y in zip(split.train_x[:50], split.train_y[:50]):
+            f.write(json.dumps({"x": x.tolist(), "y": int(y)}) + "\n")
     return folder
 
 
@@ -84,6 +82,11 @@ def test_qat_job_without_labels_distills_and_records_every_epoch(user_files, tmp
     assert [r["epoch"] for r in report["training"]["epochs"]] == [1, 2] and epochs == [1, 2]
     assert set(report["metrics"]["quantized"]) == {"agreement_with_float"}
     assert report["metrics"]["baseline"]["agreement_with_float"] == 100.0
+
+
+def test_jsonl_arrays_read_as_the_same_samples_as_npz(user_files):
+    npz, jsonl = load_arrays(str(user_files / "train.npz")), load_arrays(str(user_files / "train.jsonl"))
+    assert torch.equal(jsonl.x, npz.x[:50]) and torch.equal(jsonl.y, npz.y[:50])
 
 
 def test_ptq_job_with_kure_fine_tuning_first_moves_weights_toward_uniform(user_files, tmp_path):

@@ -4,7 +4,6 @@ held-out inputs, and what the stage cannot do is refused with a clear message.""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantcore import quantize
 from quantcore.modules import QuantizedLinear
@@ -13,26 +12,7 @@ WEIGHTS = {"bits": 3, "granularity": "channel"}
 OPTIONS = {"iterations": 150, "max_rows": 256}
 
 
-def structured_llama():
-    """A tiny llama with low-rank-plus-noise weights, so that inputs to later layers are
-    correlated and the rounding has something to exploit."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(0.02 * (torch.randn(p.shape[0], 4) @ torch.randn(4, p.shape[1]) + 0.3 * torch.randn_like(p)))
-    return model
-
-
-def logits_error(model, reference, inputs):
-    with torch.no_grad():
-        return sum((model(x).logits - reference(x).logits).pow(2).mean().item() for x in inputs)
-
-
-def test_adaround_stage_beats_nearest_rounding():
+def test_adaround_stage_beats_nearest_rounding(structured_llama, logits_error):
     reference = structured_llama()
     calibration = [torch.randint(0, 128, (1, 32)) for _ in range(16)]
     held_out = [torch.randint(0, 128, (1, 32)) for _ in range(8)]
@@ -50,7 +30,7 @@ def test_adaround_stage_beats_nearest_rounding():
     assert logits_error(model, reference, held_out) < 0.9 * logits_error(rtn, reference, held_out)
 
 
-def test_adaround_stage_with_static_activations_stores_input_scales():
+def test_adaround_stage_with_static_activations_stores_input_scales(structured_llama):
     model = structured_llama()
     stage = {"algorithm": "adaround", "weights": {"bits": 8, "granularity": "channel"},
              "activations": {"bits": 8, "granularity": "tensor", "symmetric": False}, "options": {"iterations": 20}}
@@ -59,7 +39,7 @@ def test_adaround_stage_with_static_activations_stores_input_scales():
     assert isinstance(q_proj, QuantizedLinear) and q_proj.input_scale is not None and float(q_proj.input_scale) > 0
 
 
-def test_adaround_stage_refuses_what_it_cannot_do():
+def test_adaround_stage_refuses_what_it_cannot_do(structured_llama):
     model = structured_llama()
     stage = {"algorithm": "adaround", "weights": WEIGHTS, "options": OPTIONS}
     with pytest.raises(ValueError, match="needs calibration data"):

@@ -25,13 +25,7 @@ BLOCK_OUTPUTS = ["body1.0", "branch3.0", "mix.0", "head", None]
 FAST = AdaRoundOptions(iterations=200, learning_rate=3e-2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors on a shared machine: one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: thread hand-offs cost more than they save
 
 
 def folded_cnn(seed=0):

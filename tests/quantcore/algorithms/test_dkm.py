@@ -12,13 +12,7 @@ from quantcore.algorithms.dkm import DKMQuantizer, KMeansQuantizer, kmeans_codeb
 from quantcore.algorithms.quantsim import QuantSimLayer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: thread hand-offs on a shared machine cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: thread hand-offs cost more than they save
 
 
 def nearest(values, centroids):

@@ -17,13 +17,7 @@ Q_N, Q_P = 4, 3  # signed 3-bit grid
 L = Q_N + Q_P  # 2^b − 1: the paper's normalization
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster than several on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: thread hand-offs cost more than they save
 
 
 def prepared(delta, s=0.25, bits=BITS, signed=True):

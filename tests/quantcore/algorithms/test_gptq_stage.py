@@ -3,7 +3,6 @@ model's output for held-out inputs, and refuse what it cannot do with a clear me
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantcore import quantize
 from quantcore.modules import QuantizedLinear
@@ -11,43 +10,23 @@ from quantcore.modules import QuantizedLinear
 RECIPE = {"stages": [{"algorithm": "gptq", "weights": {"bits": 3, "granularity": "group", "group_size": 32}}]}
 
 
-def trained_like_llama():
-    """A tiny llama whose weights have some structure (random normal weights give GPTQ
-    little to exploit): low-rank plus noise, so inputs to later layers are correlated."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                low_rank = torch.randn(p.shape[0], 4) @ torch.randn(4, p.shape[1])
-                p.copy_(0.02 * (low_rank + 0.3 * torch.randn_like(p)))
-    return model
-
-
-def logits_error(model, reference, inputs):
-    with torch.no_grad():
-        return sum((model(x).logits - reference(x).logits).pow(2).mean().item() for x in inputs)
-
-
-def test_gptq_beats_rtn_on_held_out_inputs():
-    reference = trained_like_llama()
+def test_gptq_beats_rtn_on_held_out_inputs(structured_llama, logits_error):
+    reference = structured_llama()
     calibration = [torch.randint(0, 128, (1, 32)) for _ in range(16)]
     held_out = [torch.randint(0, 128, (1, 32)) for _ in range(8)]
 
-    gptq = trained_like_llama()
+    gptq = structured_llama()
     layers = quantize(gptq, RECIPE, calibration=calibration)
     assert len(layers) == 14 and all("gptq_loss" in layer for layer in layers)
     assert all(isinstance(gptq.get_submodule(layer["name"]), QuantizedLinear) for layer in layers)
 
-    rtn = trained_like_llama()
+    rtn = structured_llama()
     quantize(rtn, {"stages": [{**RECIPE["stages"][0], "algorithm": "rtn"}]})
     assert logits_error(gptq, reference, held_out) < 0.9 * logits_error(rtn, reference, held_out)
 
 
-def test_gptq_refuses_what_it_cannot_do():
-    model = trained_like_llama()
+def test_gptq_refuses_what_it_cannot_do(structured_llama):
+    model = structured_llama()
     with pytest.raises(ValueError, match="needs calibration data"):
         quantize(model, RECIPE)
     stage = {**RECIPE["stages"][0], "ignore": []}

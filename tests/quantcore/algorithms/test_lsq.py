@@ -11,13 +11,7 @@ import torch
 from quantcore.algorithms.lsq import LSQPlusQuantizer, LSQQuantizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors on a shared machine: one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: thread hand-offs cost more than they save
 
 
 def away_from_kinks(v, s, Q_N, Q_P, margin=0.05):

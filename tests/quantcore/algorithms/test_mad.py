@@ -13,13 +13,7 @@ from quantcore.algorithms.octav import octav_clip
 from quantcore.algorithms.quantsim import QuantSimLayer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster than several on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: thread hand-offs cost more than they save
 
 
 def octav_of(x, bits):

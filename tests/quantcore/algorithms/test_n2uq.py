@@ -11,13 +11,7 @@ from torch import nn
 from quantcore.algorithms.n2uq import N2UQQuantizer, N2UQWeightQuantizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: thread hand-offs on a shared machine cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: thread hand-offs cost more than they save
 
 
 def set_params(q, start, a, s):

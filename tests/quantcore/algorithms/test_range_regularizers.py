@@ -203,15 +203,6 @@ def total_max_magnitude(model):
 EPOCHS = 8
 
 
-@pytest.fixture
-def one_thread():
-    # tiny matrices: on a shared 2-core machine, thread hand-offs cost ~20x the arithmetic
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def finetune(kind, strength, seed=0, **kwargs):
     model = mlp(seed)
     records = regularized_finetune(

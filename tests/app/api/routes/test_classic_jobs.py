@@ -31,8 +31,7 @@ def _upload_arrays(client, x, y=None) -> str:
     return response.json()["id"]
 
 
-def test_uploaded_model_and_data_run_as_a_ptq_job(client, monkeypatch, tmp_path):
-    torch.set_num_threads(1)
+def test_uploaded_model_and_data_run_as_a_ptq_job(client, monkeypatch, tmp_path, one_thread):
     split = digits_split(0)
     model = train_digits_cnn(split, seed=0, epochs=3)
     model_id = _upload_model(client, model, tmp_path)
