@@ -102,10 +102,13 @@ def prepare_qat(model: nn.Module, options: QATOptions, calibration: torch.Tensor
     quantizers, in place. `calibration` (a batch of inputs) is needed for the PTQ starts."""
     from quantcore.algorithms.dfq import fold_batchnorm
 
-    fold_batchnorm(model)  # a deployed network has no BN: train what will be deployed
     weight_bits = bits_per_layer(model, options.weight_bits, options.first_last_bits)
-    if options.init != "float":
-        _ptq_start(model, options, weight_bits, calibration)
+    if options.init == "dfq":
+        _ptq_start(model, options, weight_bits, calibration)  # DFQ folds BN itself: it needs the statistics
+    else:
+        fold_batchnorm(model)  # a deployed network has no BN: train what will be deployed
+        if options.init == "adaround":
+            _ptq_start(model, options, weight_bits, calibration)
     names = weighted_layers(model)
     first_last = {names[0], names[-1]} if options.first_last_bits is not None else set()
     make_weight, make_input = _method_table()[options.method]

@@ -85,6 +85,28 @@ def test_adaround_start_needs_calibration():
         prepare_qat(seeded_cnn(), QATOptions(init="adaround"))
 
 
+def test_a_ptq_start_puts_the_ptq_weights_under_the_quantizers(digits):
+    """init='dfq': the wrapped layers hold what DFQ itself gives on the same grids, and their
+    4-bit weights are already on a 16-level grid before any training."""
+    from quantcore.algorithms.dfq import data_free_quantize, weight_quantizer
+    from quantcore.algorithms.quantsim import bits_per_layer
+    from quantcore.schemes import QuantScheme
+
+    calibration = digits[0][:64]
+    reference = seeded_cnn()
+    per_layer = {name: weight_quantizer(QuantScheme(bits=b, granularity="tensor"))
+                 for name, b in bits_per_layer(reference, 4).items()}
+    data_free_quantize(reference, None, data=[calibration], per_layer=per_layer)
+
+    model = prepare_qat(seeded_cnn(), QATOptions(init="dfq", weight_bits=4), calibration)
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantSimLayer):
+            W = layer.layer.weight.detach()
+            assert torch.allclose(W, reference.get_submodule(name).weight, atol=1e-6)
+            if name not in ("stem.0", "head"):
+                assert W.unique().numel() <= 16
+
+
 # --- options --------------------------------------------------------------------------------
 
 
