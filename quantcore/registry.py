@@ -30,8 +30,8 @@ class Algorithm:
 
 _REGISTRY: dict[str, Algorithm] = {}
 
-# On the roadmap, not in this version: rejected with a clear message.
-PLANNED = ("dfq", "brecq")
+# Known names that are not recipe stages (yet): rejected with a clear message saying where they are.
+PLANNED = {"dfq": "it runs in classic ptq jobs on CNNs ({\"kind\": \"ptq\", \"ptq\": {\"method\": \"dfq\"}})"}
 
 
 def register(algorithm: Algorithm) -> Algorithm:
@@ -41,7 +41,7 @@ def register(algorithm: Algorithm) -> Algorithm:
 
 def _load_builtin() -> None:
     # Importing the modules registers them.
-    from quantcore.algorithms import adaround_stage, awq, gptq_stage, obq, octav, rtn, smoothquant, svdquant  # noqa: F401
+    from quantcore.algorithms import adaround_stage, awq, brecq_stage, gptq_stage, obq, octav, rtn, smoothquant, svdquant  # noqa: F401
 
 
 def get(name: str) -> Algorithm:
@@ -50,7 +50,8 @@ def get(name: str) -> Algorithm:
         return _REGISTRY[name]
     available = ", ".join(sorted(_REGISTRY))
     if name in PLANNED:
-        raise ValueError(f"algorithm '{name}' is not implemented in this version of qforge; available: {available}")
+        raise ValueError(f"algorithm '{name}' is not implemented as a recipe stage in this version of qforge: "
+                         f"{PLANNED[name]}; available: {available}")
     raise ValueError(f"unknown algorithm '{name}'; available: {available}")
 
 

@@ -19,8 +19,8 @@ CASES = {
         422, "validation-error", ["recipe.stages.0", "unknown algorithm 'magic'"],
     ),
     "planned algorithm": (
-        {"model": "bundled:smollm2-135m", "recipe": {"stages": [{"algorithm": "brecq", "weights": {"bits": 4}}]}},
-        422, "validation-error", ["brecq", "not implemented"],
+        {"model": "bundled:smollm2-135m", "recipe": {"stages": [{"algorithm": "dfq", "weights": {"bits": 4}}]}},
+        422, "validation-error", ["dfq", "not implemented"],
     ),
     "unknown preset": (
         {"model": "bundled:smollm2-135m", "recipe": "w5a5-nope"},
