@@ -207,6 +207,12 @@ def _ptq(model: nn.Module, spec: PTQSpec, train: Arrays, calibration_samples: in
     fold_batchnorm(model)  # a deployed network has no BN; DFQ would fold it first anyway
     schemes = {name: QuantScheme(bits=b, granularity="tensor")
                for name, b in bits_per_layer(model, spec.weight_bits, spec.first_last_bits).items()}
+    steps = [2]  # the weights' steps + 1 for the activations; AdaRound and BRECQ count layers or blocks
+
+    def step(done: int, total: int, message: str) -> None:
+        steps[0] = total + 1
+        progress("quantize", done, total + 1, f"{spec.method} {message}")
+
     progress("quantize", 0, 2, f"{spec.method}: weights")
     if spec.method == "rtn":
         with torch.no_grad():
@@ -217,15 +223,17 @@ def _ptq(model: nn.Module, spec: PTQSpec, train: Arrays, calibration_samples: in
         per_layer = {name: weight_quantizer(scheme) for name, scheme in schemes.items()}
         data_free_quantize(model, None, data=[calibration], example_input=calibration[:1], per_layer=per_layer)
     elif spec.method == "adaround":
-        adaround_model(model, None, [calibration], AdaRoundOptions(iterations=spec.iterations), seed, per_layer=schemes)
+        adaround_model(model, None, [calibration], AdaRoundOptions(iterations=spec.iterations), seed, per_layer=schemes,
+                       progress=step)
     else:
-        brecq_model(model, schemes, calibration, labels, AdaRoundOptions(iterations=spec.iterations), seed)
-    progress("quantize", 1, 2, f"{spec.method}: activations")
+        brecq_model(model, schemes, calibration, labels, AdaRoundOptions(iterations=spec.iterations), seed,
+                    progress=step)
+    progress("quantize", steps[0] - 1, steps[0], f"{spec.method}: activations")
     if spec.activation_bits is not None:
         static_quantsim(model, spec.activation_bits, [calibration], spec.first_last_bits)
     else:  # weights are on their grids already; wrap so the export describes every layer alike
         wrap_layers(model, {name: s.bits for name, s in schemes.items()}, None, lambda *_: None, lambda *_: None)
-    progress("quantize", 2, 2, f"{spec.method}: done")
+    progress("quantize", steps[0], steps[0], f"{spec.method}: done")
     return {name: scheme.bits for name, scheme in schemes.items()}
 
 

@@ -188,12 +188,12 @@ def capture_inputs(model: nn.Module, names: list[str], data: list[torch.Tensor])
 
 
 def adaround_model(model: nn.Module, scheme, data: list[torch.Tensor], options: AdaRoundOptions | None = None,
-                   seed: int = 0, per_layer: dict | None = None) -> dict[str, AdaRoundResult]:
+                   seed: int = 0, per_layer: dict | None = None, progress=None) -> dict[str, AdaRoundResult]:
     """AdaRound every conv/linear of `model` in place, in the order they run, on `scheme`'s grid
     (its observer over each weight, a conv's weight seen as its (out, in·kh·kw) matrix). Each
     layer learns its rounding on the inputs of the model quantized so far, against the float
     model's outputs. `per_layer` maps layer names to their own scheme (e.g. the first and last
-    layer at 8 bits)."""
+    layer at 8 bits). `progress(done, total, message)` is called after each layer."""
     names = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
     float_inputs = capture_inputs(model, names, data)
     results = {}
@@ -206,5 +206,7 @@ def adaround_model(model: nn.Module, scheme, data: list[torch.Tensor], options: 
                                        layer_scheme.qmin, layer_scheme.qmax, options, seed + index)
         with torch.no_grad():
             layer.weight.copy_(results[name].weight)
+        if progress is not None:
+            progress(index + 1, len(names), f"layer {index + 1}/{len(names)}: {name}")
     return results
 

@@ -165,10 +165,10 @@ def reconstruct_block(block: Block, inputs_float: torch.Tensor, inputs_quantized
 
 
 def brecq_model(model: nn.Module, schemes: dict, data: torch.Tensor, labels: torch.Tensor | None = None,
-                options: AdaRoundOptions | None = None, seed: int = 0) -> list[BlockResult]:
+                options: AdaRoundOptions | None = None, seed: int = 0, progress=None) -> list[BlockResult]:
     """BRECQ every block of `model` in place (weights on the grids `schemes` gives per layer
     name), in order: each block learns on the input of the model quantized so far, against the
-    float model's block output."""
+    float model's block output. `progress(done, total, message)` is called after each block."""
     options = options or AdaRoundOptions()
     model.eval()
     blocks = find_blocks(model)
@@ -186,6 +186,8 @@ def brecq_model(model: nn.Module, schemes: dict, data: torch.Tensor, labels: tor
         if block.layers:
             results.append(reconstruct_block(block, float_inputs[index], quantized, fisher[index], schemes, options,
                                              seed + index))
+        if progress is not None:
+            progress(index + 1, len(blocks), f"block {index + 1}/{len(blocks)}: {', '.join(block.layers) or 'no layers'}")
         with torch.no_grad():
             quantized = block.module(quantized)
     return results

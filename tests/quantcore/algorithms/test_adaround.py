@@ -50,8 +50,11 @@ def test_conv_layers_and_the_model_driver():
 
     with torch.no_grad():
         reference = torch.cat([model(x) for x in data])
-    results = adaround_model(model, QuantScheme(bits=3, granularity="channel"), data, FAST)
+    reported = []
+    results = adaround_model(model, QuantScheme(bits=3, granularity="channel"), data, FAST,
+                             progress=lambda d, t, m: reported.append((d, t, m)))
     assert list(results) == ["0", "2"]
+    assert reported == [(1, 2, "layer 1/2: 0"), (2, 2, "layer 2/2: 2")]
     assert all(r.loss_learned <= r.loss_nearest for r in results.values())
     assert results["0"].loss_learned < results["0"].loss_nearest
     with torch.no_grad():

@@ -201,8 +201,10 @@ def test_brecq_model_puts_every_weight_on_its_grid_and_beats_nearest():
     float_model = copy.deepcopy(model)
     originals = {n: model.get_submodule(n).weight.detach().clone() for n in ORDER}
     schemes = {n: QuantScheme(bits=bits, granularity="tensor") for n in ORDER}
-    results = brecq_model(model, schemes, x, y, FAST, seed=0)
+    reported = []
+    results = brecq_model(model, schemes, x, y, FAST, seed=0, progress=lambda d, t, m: reported.append((d, t)))
     assert [r.layers for r in results] == BLOCKS
+    assert reported == [(i, len(BLOCKS)) for i in range(1, len(BLOCKS) + 1)]
     assert all(r.loss_learned <= r.loss_nearest for r in results)
     assert results[1].loss_learned < 0.8 * results[1].loss_nearest  # the residual block gains
     for name, W in originals.items():
