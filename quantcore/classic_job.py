@@ -71,6 +71,13 @@ class RegularizeSpec(BaseModel):
     learning_rate: float = Field(1e-3, gt=0, le=1)
 
 
+class FinetuneSpec(RegularizeSpec):
+    """A `finetune` job: quantization-friendly float training on its own; the artifact is the
+    fine-tuned float model, and the report shows what it buys under round-to-nearest."""
+
+    preview_bits: int = Field(3, ge=2, le=8, description="per-tensor RTN width of the before/after preview")
+
+
 class PTQSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -85,11 +92,12 @@ class PTQSpec(BaseModel):
 class ClassicJobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["ptq", "qat"]
+    kind: Literal["ptq", "qat", "finetune"]
     model: str = Field("bundled:digits-cnn", description="'bundled:digits-cnn' or a folder with model.safetensors + config.json")
     data: ClassicData = Field(default_factory=ClassicData)
     ptq: PTQSpec | None = None
     qat: QATOptions | None = None
+    finetune: FinetuneSpec | None = None
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
     @field_validator("model")
@@ -99,32 +107,28 @@ class ClassicJobRequest(BaseModel):
 
     def spec(self) -> dict:
         """What the job does, as stored beside it (the counterpart of a recipe)."""
-        return {"kind": self.kind, **({"ptq": self.ptq.model_dump(mode="json")} if self.ptq else {}),
-                **({"qat": self.qat.model_dump(mode="json")} if self.qat else {})}
+        return {"kind": self.kind, self.kind: getattr(self, self.kind).model_dump(mode="json")}
 
     @model_validator(mode="after")
     def _one_spec(self) -> "ClassicJobRequest":
-        if self.kind == "ptq":
-            if self.qat is not None:
-                raise ValueError("qat: a 'ptq' job takes a 'ptq' spec, not 'qat'")
-            self.ptq = self.ptq or PTQSpec()
-        else:
-            if self.ptq is not None:
-                raise ValueError("ptq: a 'qat' job takes a 'qat' spec, not 'ptq'")
-            self.qat = self.qat or QATOptions()
+        for other in ("ptq", "qat", "finetune"):
+            if other != self.kind and getattr(self, other) is not None:
+                raise ValueError(f"{other}: a '{self.kind}' job takes a '{self.kind}' spec, not '{other}'")
+        if getattr(self, self.kind) is None:
+            setattr(self, self.kind, {"ptq": PTQSpec, "qat": QATOptions, "finetune": FinetuneSpec}[self.kind]())
         return self
 
 
 def _job_kind(value: Any) -> str | None:
     kind = value.get("kind", "recipe") if isinstance(value, dict) else getattr(value, "kind", "recipe")
-    return {"recipe": "recipe", "ptq": "classic", "qat": "classic"}.get(kind)
+    return {"recipe": "recipe", "ptq": "classic", "qat": "classic", "finetune": "classic"}.get(kind)
 
 
 # What POST /v1/jobs takes: a recipe job (LLMs, encoders; no `kind`) or a classic ptq / qat job.
 JobSpec = Annotated[
     Union[Annotated[JobRequest, Tag("recipe")], Annotated[ClassicJobRequest, Tag("classic")]],
     Discriminator(_job_kind, custom_error_type="invalid_kind",
-                  custom_error_message="kind must be 'ptq' or 'qat' (classic jobs), or absent for a recipe job"),
+                  custom_error_message="kind must be 'ptq', 'qat' or 'finetune' (classic jobs), or absent for a recipe job"),
 ]
 JOB_SPEC: TypeAdapter = TypeAdapter(JobSpec)
 
@@ -237,6 +241,53 @@ def _ptq(model: nn.Module, spec: PTQSpec, train: Arrays, calibration_samples: in
     return {name: scheme.bits for name, scheme in schemes.items()}
 
 
+def _rtn_preview(model: nn.Module, bits: int, x: torch.Tensor, reference: torch.Tensor) -> float:
+    """Accuracy of a copy under per-tensor round-to-nearest (first and last layer at 8 bits)."""
+    from quantcore.algorithms.dfq import fold_batchnorm, weight_quantizer
+    from quantcore.schemes import QuantScheme
+
+    rounded = copy.deepcopy(model).eval()
+    fold_batchnorm(rounded)
+    with torch.no_grad():
+        for name, b in bits_per_layer(rounded, bits).items():
+            layer = rounded.get_submodule(name)
+            layer.weight.copy_(weight_quantizer(QuantScheme(bits=b, granularity="tensor"))(layer.weight.detach()))
+    return _accuracy(_predict(rounded, x), reference)
+
+
+def _finetune_job(model: nn.Module, request: ClassicJobRequest, train: Arrays, held_out: Arrays, reference, metric: str,
+                  baseline: dict, folder: Path, progress) -> tuple[dict, dict]:
+    """Fine-tune with the regularizer; write the float model (safetensors + config.json)."""
+    spec = request.finetune
+    assert spec is not None
+    before = _rtn_preview(model, spec.preview_bits, held_out.x, reference)
+    records = _regularize(model, spec, train, request.seed, progress)
+    after_float = _accuracy(_predict(model, held_out.x), reference)
+    after = _rtn_preview(model, spec.preview_bits, held_out.x, reference)
+    progress("evaluate", 1, 1, f"fine-tuned {metric} {after_float:.2f} %, RTN W{spec.preview_bits}: {before:.2f} → {after:.2f} %")
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    write_json(folder / "config.json", getattr(model, "qforge_config", {"architecture": type(model).__name__}))
+    metrics = {"baseline": baseline, "finetuned": {metric: after_float},
+               "rtn_preview": {"bits": spec.preview_bits, "before": {metric: before}, "after": {metric: after}}}
+    return metrics, {"finetune": spec.model_dump(mode="json"), "epochs": records}
+
+
+def _report(request: ClassicJobRequest, model: nn.Module, classes: int, metrics: dict, layers: list, training, timings) -> dict:
+    return {
+        "format": "qforge-report/1",
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "kind": request.kind,
+        "model": {"ref": request.model, "class": type(model).__name__, "classes": classes},
+        "request": request.model_dump(mode="json"),
+        "seed": request.seed,
+        "metrics": metrics,
+        "layers": layers,
+        "training": training,
+        "timings": timings,
+        "versions": environment(),
+    }
+
+
 def run_classic_job(request: ClassicJobRequest, output_dir: Path, progress=None, allow_local_paths: bool = True,
                     locate: Locate | None = None) -> dict:
     """Run `request`; the artifact folder goes to `output_dir / "artifact"`; returns the report.
@@ -263,7 +314,20 @@ def run_classic_job(request: ClassicJobRequest, output_dir: Path, progress=None,
     baseline = {metric: _accuracy(float_outputs, reference)}
     progress("baseline", 1, 1, f"float {metric} {baseline[metric]:.2f} %")
 
+    folder = output_dir / "artifact"
+    if folder.exists():
+        shutil.rmtree(folder)  # a retried job starts its export afresh
+    folder.mkdir(parents=True)
     start = time.perf_counter()
+    if request.kind == "finetune":
+        metrics, training = _finetune_job(model, request, train, held_out, reference, metric, baseline, folder, progress)
+        timings["finetune_s"] = round(time.perf_counter() - start, 3)
+        report = _report(request, model, classes, metrics, [], training, timings)
+        write_json(folder / "report.json", report)
+        write_manifest(folder)
+        progress("export", 1, 1, "artifact written")
+        report["timings"]["total_s"] = round(time.perf_counter() - started, 3)
+        return report
     teacher = copy.deepcopy(model)
     training: dict | None = None
     ptq_bits: dict[str, int] = {}
@@ -294,28 +358,14 @@ def run_classic_job(request: ClassicJobRequest, output_dir: Path, progress=None,
     progress("evaluate", 1, 1, f"quantized {metric} {quantized[metric]:.2f} %")
 
     progress("export", 0, 1, "writing artifact")
-    folder = output_dir / "artifact"
-    if folder.exists():
-        shutil.rmtree(folder)  # a retried job starts its export afresh
-    folder.mkdir(parents=True)
     tensors, layers = export_quantsim(model)
     for name, bits in ptq_bits.items():  # PTQ'd weights are on their grids: no weight quantizer left to describe them
         layers[name]["weight"] = {"method": request.ptq.method, "bits": bits, "granularity": "tensor"}
     save_file(tensors, str(folder / "model.safetensors"))
-    report = {
-        "format": "qforge-report/1",
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "kind": request.kind,
-        "model": {"ref": request.model, "class": type(model).__name__, "classes": classes},
-        "request": request.model_dump(mode="json"),
-        "seed": request.seed,
-        "metrics": {"baseline": baseline, "quantized": quantized,
-                    "delta": {f"{metric}_points": round(quantized[metric] - baseline[metric], 4)}},
-        "layers": [{"name": name, **entry} for name, entry in layers.items()],
-        "training": training,
-        "timings": timings,
-        "versions": environment(),
-    }
+    metrics = {"baseline": baseline, "quantized": quantized,
+               "delta": {f"{metric}_points": round(quantized[metric] - baseline[metric], 4)}}
+    report = _report(request, model, classes, metrics, [{"name": name, **entry} for name, entry in layers.items()],
+                     training, timings)
     write_json(folder / "quantization.json", {"format": "qforge-quantsim/1", "layers": layers})
     write_json(folder / "report.json", report)
     write_manifest(folder)

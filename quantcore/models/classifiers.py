@@ -42,7 +42,9 @@ class Arrays:
 
 def load_classifier(ref: str, seed: int = 0, allow_local_paths: bool = True) -> nn.Module:
     if ref == "bundled:digits-cnn":
-        return pretrained_digits_cnn(seed)
+        model = pretrained_digits_cnn(seed)
+        model.qforge_config = {"architecture": "digits-cnn"}  # what a fine-tuned copy's config.json says
+        return model
     if ref.startswith("bundled:"):
         raise ModelNotFoundError(f"unknown bundled classifier '{ref}'; available: {', '.join(BUNDLED_CLASSIFIERS)}")
     if not allow_local_paths:
@@ -58,6 +60,7 @@ def load_classifier(ref: str, seed: int = 0, allow_local_paths: bool = True) -> 
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise ModelNotFoundError(f"{config_file.name}: not valid JSON ({exc})") from None
+    saved = dict(config) if isinstance(config, dict) else {}
     architecture = config.pop("architecture", None) if isinstance(config, dict) else None
     if architecture not in ARCHITECTURES:
         raise UnsupportedModelError(f"config.json: architecture {architecture!r} is not one qforge builds; "
@@ -70,6 +73,7 @@ def load_classifier(ref: str, seed: int = 0, allow_local_paths: bool = True) -> 
         load_model(model, str(weights), strict=True)
     except (RuntimeError, KeyError) as exc:
         raise UnsupportedModelError(f"model.safetensors does not fit {architecture} with this config: {exc}") from None
+    model.qforge_config = saved
     return model.eval()
 
 

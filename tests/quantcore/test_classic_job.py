@@ -109,6 +109,26 @@ def test_ptq_job_with_kure_fine_tuning_first_moves_weights_toward_uniform(user_f
     assert gap_after < 0.7 * gap_before
 
 
+def test_finetune_job_writes_a_loadable_float_model_and_a_fair_preview(user_files, tmp_path):
+    data = {"train": str(user_files / "train.npz"), "evaluation": str(user_files / "test.npz")}
+    request = ClassicJobRequest(kind="finetune", model=str(user_files / "model"), data=data,
+                                finetune={"kind": "soft_min_max", "strength": 0.01, "epochs": 2, "preview_bits": 3})
+    report = run_classic_job(request, tmp_path / "finetune")
+    assert [r["epoch"] for r in report["training"]["epochs"]] == [1, 2]
+    # the artifact folder is a model folder qforge loads again, and it scores what the report says
+    reloaded = load_classifier(str(tmp_path / "finetune" / "artifact"))
+    test = load_arrays(str(user_files / "test.npz"))
+    with torch.no_grad():
+        assert abs(_top1(reloaded(test.x), test.y) - report["metrics"]["finetuned"]["top1"]) < 1e-3
+    # the "before" preview is what a separate RTN ptq job gets on the original model
+    rtn = run_classic_job(ClassicJobRequest(kind="ptq", model=str(user_files / "model"), data=data,
+                                            ptq={"method": "rtn", "weight_bits": 3, "activation_bits": None}),
+                          tmp_path / "rtn")
+    assert report["metrics"]["rtn_preview"]["before"]["top1"] == rtn["metrics"]["quantized"]["top1"]
+    with pytest.raises(ValidationError, match="a 'finetune' job takes a 'finetune' spec"):
+        ClassicJobRequest(kind="finetune", ptq={"method": "rtn"})
+
+
 def test_requests_and_inputs_that_cannot_work_are_refused(user_files, tmp_path):
     with pytest.raises(ValidationError, match="a 'ptq' job takes a 'ptq' spec"):
         ClassicJobRequest(kind="ptq", qat={"method": "lsq"})
