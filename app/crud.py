@@ -64,10 +64,10 @@ def list_jobs(session: Session, status: JobStatus | None, limit: int, offset: in
     return list(jobs), total
 
 
-def request_cancel(session: Session, job_id: str) -> bool:
-    """Cancel a queued job at once, or flag a running one for its worker; returns False when
-    the job had already finished. Each is one conditional UPDATE, so a worker claiming the
-    job at the same moment cannot be missed."""
+def request_cancel(session: Session, job_id: str) -> str | None:
+    """Cancel a queued job at once ("cancelled"), or flag a running one for its worker
+    ("requested"); None when the job had already finished. Each is one conditional UPDATE, so
+    a worker claiming the job at the same moment cannot be missed."""
     now = utcnow()
     queued = session.execute(
         update(Job)
@@ -85,7 +85,9 @@ def request_cancel(session: Session, job_id: str) -> bool:
         .values(cancel_requested=True, progress_message="cancellation requested")
     ).rowcount
     session.commit()
-    return bool(changed)
+    if not changed:
+        return None
+    return "cancelled" if queued else "requested"
 
 
 def fail_job(session: Session, job: Job, reason: str) -> None:

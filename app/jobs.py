@@ -88,13 +88,15 @@ def submit(
     return job, True
 
 
-def cancel(session: Session, job: Job) -> Job:
-    if not crud.request_cancel(session, job.id):
-        session.refresh(job)
+def cancel(session: Session, job: Job) -> tuple[Job, bool]:
+    """Returns the job and whether it was running (its worker stops at its next progress
+    report; by the time of the answer it may already have)."""
+    outcome = crud.request_cancel(session, job.id)
+    session.refresh(job)
+    if outcome is None:
         detail = f"job {job.id} is already {job.status.value}; nothing to cancel"
         raise Problem(409, "job-finished", "Job already finished", detail)
-    session.refresh(job)
-    return job
+    return job, outcome == "requested"
 
 
 def require_status(job: Job, wanted: JobStatus, what: str) -> None:

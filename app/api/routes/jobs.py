@@ -84,6 +84,8 @@ def download_artifact(job: JobDep, settings: SettingsDep) -> FileResponse:
 def cancel_job(job: JobDep, session: SessionDep, response: Response) -> JobOut:
     """A queued job is cancelled at once (200); a running one stops at its worker's next
     progress report (202, `cancel_requested` set)."""
-    job = jobs.cancel(session, job)
-    response.status_code = 202 if job.status == JobStatus.RUNNING else 200
+    job, was_running = jobs.cancel(session, job)
+    # 202 for a running job even when its worker has stopped by now: the answer describes
+    # what the request did, not a race with the worker
+    response.status_code = 202 if was_running else 200
     return JobOut.from_row(job)

@@ -110,6 +110,23 @@ def test_cancel_a_running_job_asks_its_worker(submit, client, set_job):
     assert response.json()["status"] == "running" and response.json()["cancel_requested"] is True
 
 
+def test_cancelling_a_running_job_is_202_even_if_its_worker_stops_before_the_answer(submit, client, set_job, monkeypatch):
+    from app import crud
+
+    job_id = submit().json()["id"]
+    set_job(job_id, status=JobStatus.RUNNING, attempts=1, started_at=utcnow(), heartbeat_at=utcnow())
+    request_cancel = crud.request_cancel
+
+    def worker_is_quick(session, job):  # the worker sees the flag and stops before the route reads the job back
+        outcome = request_cancel(session, job)
+        set_job(job_id, status=JobStatus.CANCELLED, finished_at=utcnow())
+        return outcome
+
+    monkeypatch.setattr(crud, "request_cancel", worker_is_quick)
+    response = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert response.status_code == 202 and response.json()["status"] == "cancelled"
+
+
 def test_report_and_artifact_are_409_until_the_job_succeeds(submit, client, set_job):
     job_id = submit().json()["id"]
     for path in ("report", "artifact"):
