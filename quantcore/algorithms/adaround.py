@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from torch import nn
 
 from quantcore.observers import make_observer
 from quantcore.pipeline import run_observed
+from quantcore.qparams import QParams
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -75,6 +77,14 @@ class LearnedRounding(nn.Module):
         self.zero_free = not bool(zero_point.any())
         self.V = nn.Parameter(_initial_V(W / scale - self.floor))
 
+    @classmethod
+    def on_grid(cls, W: torch.Tensor, scheme, scale_dtype: torch.dtype = torch.float32) -> "LearnedRounding":
+        """The rounding of W on `scheme`'s grid (`weight_grid`); `.qparams` is that grid."""
+        qparams, scale, zero_point = weight_grid(W, scheme, scale_dtype)
+        rounding = cls(W, scale, zero_point, scheme.qmin, scheme.qmax)
+        rounding.qparams = qparams
+        return rounding
+
     def _on_grid(self, codes: torch.Tensor) -> torch.Tensor:
         if self.zero_free:  # symmetric grids: two elementwise passes fewer per step
             return self.scale * codes.clamp(self.qmin, self.qmax)
@@ -109,6 +119,34 @@ def annealed_beta(step: int, options: AdaRoundOptions) -> float | None:
     return options.beta_end + 0.5 * (options.beta_start - options.beta_end) * (1 + math.cos(math.pi * progress))
 
 
+def learn_roundings(roundings: dict[str, LearnedRounding], error: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                    options: AdaRoundOptions) -> None:
+    """Adam on every V: error(the soft weights, by key; it draws its own batch) plus
+    λ Σ (1 − |2h(V) − 1|^β) once the warm-up is over, β annealed (eq. 21-25)."""
+    optimizer = torch.optim.Adam([r.V for r in roundings.values()], lr=options.learning_rate)
+    for step in range(options.iterations):
+        h = {key: r.h() for key, r in roundings.items()}  # once per step: the soft weight and the regulariser share it
+        loss = error({key: r.soft(h[key]) for key, r in roundings.items()})
+        beta = annealed_beta(step, options)
+        if beta is not None:
+            loss = loss + options.regularization * sum(r.regularizer(beta, h[key]) for key, r in roundings.items())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@torch.no_grad()
+def harden(roundings: dict[str, LearnedRounding], total_error: Callable[[dict[str, torch.Tensor]], Any]
+           ) -> tuple[float, float, dict[str, torch.Tensor]]:
+    """(error with nearest rounding, error with the learned one, the weights to keep) on all
+    the data: hard rounding can, rarely, land worse than nearest, and then nearest is kept."""
+    nearest = {key: r.nearest() for key, r in roundings.items()}
+    learned = {key: r.hard() for key, r in roundings.items()}
+    loss_nearest, loss_learned = float(total_error(nearest)), float(total_error(learned))
+    chosen = learned if loss_learned <= loss_nearest else nearest
+    return loss_nearest, min(loss_nearest, loss_learned), chosen
+
+
 class _LayerOp:
     """y = layer(x) with a given weight, for Linear (rows = tokens) and Conv (rows = pixels)."""
 
@@ -141,42 +179,36 @@ def adaround_layer(
     with torch.no_grad():
         target = op(inputs_float, W)
     rounding = LearnedRounding(W, scale, zero_point, qmin, qmax)
-    optimizer = torch.optim.Adam([rounding.V], lr=options.learning_rate)
     generator = torch.Generator().manual_seed(seed)
     samples = inputs_quantized.shape[0]
     rows_per_sample = target[0].numel() // target.shape[1]  # output positions: 1 for a Linear on vectors
     batch = max(1, min(samples, options.batch_rows // rows_per_sample))
 
-    for step in range(options.iterations):
+    def batch_error(weights: dict[str, torch.Tensor]) -> torch.Tensor:
         index = torch.randint(0, samples, (batch,), generator=generator)
-        h = rounding.h()
         # Squared error summed over output channels, averaged over output rows (tokens, pixels)
-        loss = (op(inputs_quantized[index], rounding.soft(h)) - target[index]).pow(2).sum() / (batch * rows_per_sample)
-        beta = annealed_beta(step, options)
-        if beta is not None:
-            loss = loss + options.regularization * rounding.regularizer(beta, h)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        return (op(inputs_quantized[index], weights["W"]) - target[index]).pow(2).sum() / (batch * rows_per_sample)
 
-    with torch.no_grad():
-        learned, nearest = rounding.hard(), rounding.nearest()
-        rows = samples * rows_per_sample
-        losses = [float((op(inputs_quantized, w) - target).pow(2).sum() / rows) for w in (nearest, learned)]
-    # Hard rounding can, rarely, land worse than nearest on all the data: keep the better one.
-    chosen = learned if losses[1] <= losses[0] else nearest
-    flipped = float((chosen != nearest).float().mean())
-    return AdaRoundResult(weight=chosen, loss_nearest=losses[0], loss_learned=min(losses), flipped=flipped)
+    def total_error(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (op(inputs_quantized, weights["W"]) - target).pow(2).sum() / (samples * rows_per_sample)
+
+    learn_roundings({"W": rounding}, batch_error, options)
+    loss_nearest, loss_learned, chosen = harden({"W": rounding}, total_error)
+    flipped = float((chosen["W"] != rounding.nearest()).float().mean())
+    return AdaRoundResult(weight=chosen["W"], loss_nearest=loss_nearest, loss_learned=loss_learned, flipped=flipped)
 
 
-def weight_grid(W: torch.Tensor, scheme) -> tuple[torch.Tensor, torch.Tensor]:
-    """S and Z of `scheme`'s observer over W (a conv's weight seen as its (out, in·kh·kw)
-    matrix), shaped to broadcast against W."""
+def weight_grid(W: torch.Tensor, scheme, scale_dtype: torch.dtype = torch.float32
+                ) -> tuple[QParams, torch.Tensor, torch.Tensor]:
+    """`scheme`'s observer over W (a conv's weight seen as its (out, in·kh·kw) matrix), with S
+    rounded to `scale_dtype` (the precision it is stored in, so the codes are chosen against
+    the stored S): the QParams, and S and Z shaped to broadcast against W."""
     observer = make_observer(scheme)
     observer.update(W.reshape(W.shape[0], -1))
     qp = observer.qparams()
+    qp = QParams(scale=qp.scale.to(scale_dtype).float(), zero_point=qp.zero_point, scheme=scheme)
     shape = (-1,) + (1,) * (W.dim() - 1) if qp.scale.numel() > 1 else (1,) * W.dim()
-    return qp.scale.reshape(shape), qp.zero_point.reshape(shape)
+    return qp, qp.scale.reshape(shape), qp.zero_point.reshape(shape)
 
 
 def capture_inputs(model: nn.Module, names: list[str], data: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -200,7 +232,7 @@ def adaround_model(model: nn.Module, scheme, data: list[torch.Tensor], options: 
     for index, name in enumerate(list(float_inputs)):
         layer = model.get_submodule(name)
         layer_scheme = (per_layer or {}).get(name, scheme)
-        scale, zero = weight_grid(layer.weight.detach().float(), layer_scheme)
+        _, scale, zero = weight_grid(layer.weight.detach().float(), layer_scheme)
         quantized_inputs = capture_inputs(model, [name], data)[name]
         results[name] = adaround_layer(layer, float_inputs.pop(name), quantized_inputs, scale, zero,
                                        layer_scheme.qmin, layer_scheme.qmax, options, seed + index)

@@ -9,8 +9,8 @@ calibrated on the same inputs), and its rounding is learned against the float in
 output: ‖W x − W̃ x̂‖². A token sample of at most `max_rows` rows per layer is kept (seeded).
 
 Weights on a per-tensor or per-channel grid (AdaRound's paper setting); the grid is the
-stage's observer over W with S rounded to its storage dtype first, so the codes written are
-the learned ones.
+stage's observer over W with S rounded to its storage dtype first (`adaround.weight_grid`),
+so the codes written are the learned ones.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import nn
 
-from quantcore.algorithms.adaround import AdaRoundOptions, adaround_layer
+from quantcore.algorithms.adaround import AdaRoundOptions, adaround_layer, weight_grid
 from quantcore.algorithms.base import LayerResult, StageContext, is_static, replace_with_quantized
 from quantcore.algorithms.gptq_stage import calibrated_targets
 from quantcore.modules.quantized_linear import fake_quant_activations
 from quantcore.observers import make_observer
 from quantcore.pipeline import BlockInputs, CalibrationBlock, run_blockwise
-from quantcore.qparams import QParams
 from quantcore.recipe import Stage
 from quantcore.registry import Algorithm, register
 from quantcore.schemes import Granularity, QuantType
@@ -90,15 +89,9 @@ def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerRe
                     observer.update(x)
                     input_qparams = observer.qparams()
                 x_hat = fake_quant_activations(x, stage.activations, input_qparams)
-            W = linear.weight.detach().float()
-            observer = make_observer(stage.weights)
-            observer.update(W)
-            qp = observer.qparams()
-            scale = qp.scale.to(scale_dtype).float()  # the stored S: the codes are chosen against it
-            qp = QParams(scale=scale, zero_point=qp.zero_point, scheme=stage.weights)
-            shape = (-1, 1) if scale.numel() > 1 else (1, 1)
-            result = adaround_layer(linear, x, x_hat, scale.reshape(shape), qp.zero_point.reshape(shape),
-                                    stage.weights.qmin, stage.weights.qmax, options, seed=context.seed + len(results))
+            qp, scale, zero_point = weight_grid(linear.weight.detach().float(), stage.weights, scale_dtype)
+            result = adaround_layer(linear, x, x_hat, scale, zero_point, stage.weights.qmin, stage.weights.qmax,
+                                    options, seed=context.seed + len(results))
             layer = replace_with_quantized(model, name, linear, stage, qparams=qp, weight=result.weight,
                                            input_qparams=input_qparams)
             layer.extra.update(adaround_loss_nearest=round(result.loss_nearest, 6),

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.func import functional_call
 
-from quantcore.algorithms.adaround import AdaRoundOptions, LearnedRounding, annealed_beta, weight_grid
+from quantcore.algorithms.adaround import AdaRoundOptions, LearnedRounding, harden, learn_roundings
 from quantcore.algorithms.quantsim import WEIGHTED
 
 
@@ -127,12 +127,9 @@ def reconstruct_block(block: Block, inputs_float: torch.Tensor, inputs_quantized
     the block's output (eq. 10); the layers' weights are set to the result."""
     with torch.no_grad():
         target = block.module(inputs_float)
-    roundings = {}
-    for name in block.layers:
-        W = block.module.get_submodule(name).weight.detach().float()
-        scale, zero = weight_grid(W, schemes[name])
-        roundings[name] = LearnedRounding(W, scale, zero, schemes[name].qmin, schemes[name].qmax)
-    optimizer = torch.optim.Adam([r.V for r in roundings.values()], lr=options.learning_rate)
+    # keyed by parameter name, as functional_call takes the weights
+    roundings = {f"{name}.weight": LearnedRounding.on_grid(block.module.get_submodule(name).weight.detach().float(),
+                                                           schemes[name]) for name in block.layers}
     generator = torch.Generator().manual_seed(seed)
     samples = inputs_quantized.shape[0]
     positions = target[0].numel() // target.shape[1]  # output rows per sample (pixels), 1 for logits
@@ -142,26 +139,13 @@ def reconstruct_block(block: Block, inputs_float: torch.Tensor, inputs_quantized
         out = functional_call(block.module, weights, (inputs_quantized[index],))
         return (fisher[index] * (out - target[index]).pow(2)).sum() / (len(index) * positions)
 
-    for step in range(options.iterations):
-        index = torch.randint(0, samples, (batch,), generator=generator)
-        h = {n: r.h() for n, r in roundings.items()}
-        loss = error({f"{n}.weight": r.soft(h[n]) for n, r in roundings.items()}, index)
-        beta = annealed_beta(step, options)
-        if beta is not None:
-            loss = loss + options.regularization * sum(r.regularizer(beta, h[n]) for n, r in roundings.items())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    everything = torch.arange(samples)
+    learn_roundings(roundings, lambda weights: error(weights, torch.randint(0, samples, (batch,), generator=generator)),
+                    options)
+    loss_nearest, loss_learned, chosen = harden(roundings, lambda weights: error(weights, torch.arange(samples)))
     with torch.no_grad():
-        nearest = {f"{n}.weight": r.nearest() for n, r in roundings.items()}
-        learned = {f"{n}.weight": r.hard() for n, r in roundings.items()}
-        losses = [float(error(weights, everything)) for weights in (nearest, learned)]
-        chosen = learned if losses[1] <= losses[0] else nearest  # hard rounding can, rarely, do worse
-        for name in block.layers:
-            block.module.get_submodule(name).weight.copy_(chosen[f"{name}.weight"])
-    return BlockResult(block.layers, loss_nearest=losses[0], loss_learned=min(losses))
+        for key, weight in chosen.items():
+            block.module.get_parameter(key).copy_(weight)
+    return BlockResult(block.layers, loss_nearest=loss_nearest, loss_learned=loss_learned)
 
 
 def brecq_model(model: nn.Module, schemes: dict, data: torch.Tensor, labels: torch.Tensor | None = None,

@@ -20,23 +20,21 @@ supported by this stage.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import ConfigDict, Field
 from torch import nn
 from torch.func import functional_call
 
-from quantcore.algorithms.adaround import AdaRoundOptions, LearnedRounding, annealed_beta
+from quantcore.algorithms import adaround_stage
+from quantcore.algorithms.adaround import AdaRoundOptions, LearnedRounding, harden, learn_roundings
 from quantcore.algorithms.base import LayerResult, StageContext, is_static, replace_with_quantized
 from quantcore.algorithms.gptq_stage import calibrated_targets
 from quantcore.modules.quantized_linear import fake_quant_activations
-from quantcore.observers import make_observer
 from quantcore.pipeline import CalibrationBlock, find_blocks, run_block, run_blockwise
-from quantcore.qparams import QParams
 from quantcore.recipe import Stage
 from quantcore.registry import Algorithm, register
-from quantcore.schemes import Granularity, QuantType
 
 FISHER_BYTES_LIMIT = 2 << 30
 
@@ -50,11 +48,7 @@ class BRECQStageOptions(AdaRoundOptions):
 
 
 def check_stage(stage: Stage) -> None:
-    assert stage.weights is not None
-    if stage.weights.type != QuantType.INT:
-        raise ValueError(f"weights.type: {stage.algorithm} learns roundings on integer grids")
-    if stage.weights.granularity not in (Granularity.TENSOR, Granularity.CHANNEL):
-        raise ValueError(f"weights.granularity: {stage.algorithm} supports 'tensor' or 'channel' grids")
+    adaround_stage.check_stage(stage)  # the same learned roundings, on the same grids
     if is_static(stage.activations):
         raise ValueError(f"activations: {stage.algorithm} supports dynamic activations (dynamic: true) only")
 
@@ -106,13 +100,6 @@ def lm_fisher(model: nn.Module, samples: list[torch.Tensor]) -> dict[str, list[t
     return out
 
 
-def _block_call(module: nn.Module, weights: dict[str, torch.Tensor], hidden: torch.Tensor, kwargs: dict[str, Any]):
-    extra = kwargs.get("_extra_args", ())
-    rest = {k: v for k, v in kwargs.items() if k != "_extra_args"}
-    out = functional_call(module, weights, (hidden, *extra), rest)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerResult]:
     assert stage.weights is not None
     options = BRECQStageOptions.model_validate(stage.options)
@@ -135,17 +122,8 @@ def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerRe
         with torch.no_grad():
             targets_z = [run_block(module, h.float(), kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
         weights_of = {name[len(block.name) + 1 :] + ".weight": layer for name, layer in layers.items()}
-        roundings, grids = {}, {}
-        for key, layer in weights_of.items():
-            W = layer.weight.detach().float()
-            observer = make_observer(stage.weights)
-            observer.update(W)
-            qp = observer.qparams()
-            scale = qp.scale.to(scale_dtype).float()  # the stored S: the codes are chosen against it
-            grids[key] = QParams(scale=scale, zero_point=qp.zero_point, scheme=stage.weights)
-            shape = (-1, 1) if scale.numel() > 1 else (1, 1)
-            roundings[key] = LearnedRounding(W, scale.reshape(shape), qp.zero_point.reshape(shape),
-                                             stage.weights.qmin, stage.weights.qmax)
+        roundings = {key: LearnedRounding.on_grid(layer.weight.detach().float(), stage.weights, scale_dtype)
+                     for key, layer in weights_of.items()}
         hooks = []
         if stage.activations is not None:  # the block computes as it will at run time (STE, so the
             # error still reaches the layers before each quantized input)
@@ -156,38 +134,26 @@ def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerRe
             hooks = [layer.register_forward_pre_hook(quantize_input) for layer in layers.values()]
 
         def error(weights: dict, i: int) -> torch.Tensor:
-            out = _block_call(module, weights, inputs.hidden[i].float(), inputs.kwargs[i])
+            # the pipeline's block call, with the given weights in place of the module's own
+            call = lambda *args, **kwargs: functional_call(module, weights, args, kwargs)  # noqa: E731
+            out = run_block(call, inputs.hidden[i].float(), inputs.kwargs[i])
             squared = (out - targets_z[i]).pow(2)
             if fisher is not None:
                 squared = squared * fisher[block.name][i].float()
             return squared.sum() / (squared.numel() // squared.shape[-1])
 
-        try:
-            optimizer = torch.optim.Adam([r.V for r in roundings.values()], lr=options.learning_rate)
-            for step in range(options.iterations):
-                i = int(torch.randint(0, len(inputs.hidden), (1,), generator=generator))
-                h = {key: r.h() for key, r in roundings.items()}
-                loss = error({key: r.soft(h[key]) for key, r in roundings.items()}, i)
-                beta = annealed_beta(step, options)
-                if beta is not None:
-                    loss = loss + options.regularization * sum(r.regularizer(beta, h[k]) for k, r in roundings.items())
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            with torch.no_grad():
-                totals = []
-                for chosen in ({k: r.nearest() for k, r in roundings.items()}, {k: r.hard() for k, r in roundings.items()}):
-                    totals.append((sum(float(error(chosen, i)) for i in range(len(inputs.hidden))), chosen))
+        count = len(inputs.hidden)
+        try:  # one sample per step
+            learn_roundings(roundings, lambda w: error(w, int(torch.randint(0, count, (1,), generator=generator))), options)
+            loss_nearest, loss_learned, chosen = harden(roundings, lambda w: sum(float(error(w, i)) for i in range(count)))
         finally:
             for handle in hooks:
                 handle.remove()
-        (loss_nearest, nearest), (loss_learned, learned) = totals
-        chosen = learned if loss_learned <= loss_nearest else nearest  # hard rounding can, rarely, do worse
         for key, layer in weights_of.items():
             name = f"{block.name}.{key.removesuffix('.weight')}"
-            result = replace_with_quantized(model, name, layer, stage, qparams=grids[key], weight=chosen[key])
+            result = replace_with_quantized(model, name, layer, stage, qparams=roundings[key].qparams, weight=chosen[key])
             result.extra.update(brecq_block=block.name, brecq_loss_nearest=round(loss_nearest, 6),
-                                brecq_loss=round(min(loss_learned, loss_nearest), 6),
+                                brecq_loss=round(loss_learned, 6),
                                 brecq_fisher="lm" if fisher is not None else "none")
             results.append(result)
 
