@@ -47,11 +47,10 @@ def main() -> int:
 
     from quantcore.algorithms.adaround import adaround_model
     from quantcore.algorithms.brecq import brecq_model
-    from quantcore.algorithms.dfq import data_free_quantize, fold_batchnorm, weight_quantizer
+    from quantcore.algorithms.dfq import data_free_quantize, fold_batchnorm, round_to_nearest, weight_quantizer
     from quantcore.algorithms.qat import QATOptions, prepare_qat, train_qat
-    from quantcore.algorithms.quantsim import bits_per_layer, static_quantsim
+    from quantcore.algorithms.quantsim import per_tensor_schemes, static_quantsim
     from quantcore.models.digits_cnn import digits_split, pretrained_digits_cnn, top1
-    from quantcore.schemes import QuantScheme
 
     torch.manual_seed(SEED)
     torch.set_num_threads(1)  # the CNN is too small to gain from threads; one thread is steadier
@@ -65,9 +64,6 @@ def main() -> int:
     calibration = split.train_x[:CALIBRATION_IMAGES]
     labels = split.train_y[:CALIBRATION_IMAGES]
     example = torch.zeros(1, 1, 8, 8)  # only its shape is used: each conv's padding in the analytic correction
-
-    def schemes(model, bits):
-        return {name: QuantScheme(bits=b, granularity="tensor") for name, b in bits_per_layer(model, bits).items()}
 
     def measure(method: str, wbits: int, abits: int | None, transform, calibrate: bool = True) -> float:
         model = copy.deepcopy(float_model)
@@ -83,24 +79,21 @@ def main() -> int:
 
     def rtn(model, bits):
         fold_batchnorm(model)
-        with torch.no_grad():
-            for name, scheme in schemes(model, bits).items():
-                layer = model.get_submodule(name)
-                layer.weight.copy_(weight_quantizer(scheme)(layer.weight.detach()))
+        round_to_nearest(model, per_tensor_schemes(model, bits))
 
     def dfq(data):
         def transform(model, bits):
-            per_layer = {name: weight_quantizer(s) for name, s in schemes(model, bits).items()}
+            per_layer = {name: weight_quantizer(s) for name, s in per_tensor_schemes(model, bits).items()}
             data_free_quantize(model, None, data=data, example_input=example, per_layer=per_layer)
         return transform
 
     def adaround(model, bits):
         fold_batchnorm(model)
-        adaround_model(model, None, [calibration], seed=SEED, per_layer=schemes(model, bits))
+        adaround_model(model, None, [calibration], seed=SEED, per_layer=per_tensor_schemes(model, bits))
 
     def brecq(model, bits):
         fold_batchnorm(model)
-        brecq_model(model, schemes(model, bits), calibration, labels, seed=SEED)
+        brecq_model(model, per_tensor_schemes(model, bits), calibration, labels, seed=SEED)
 
     # 1. weights only: where does RTN break, and what do DFQ and AdaRound recover there?
     losses = {bits: fp32 - measure("rtn", bits, None, rtn) for bits in (int(b) for b in args.rtn_bits.split(","))}

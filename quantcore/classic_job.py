@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from quantcore.algorithms.qat import QATOptions, prepare_qat, train_qat
-from quantcore.algorithms.quantsim import bits_per_layer, export_quantsim, static_quantsim, wrap_layers
+from quantcore.algorithms.quantsim import export_quantsim, per_tensor_schemes, static_quantsim, wrap_layers
 from quantcore.export.artifact import write_json, write_manifest
 from quantcore.job import JobRequest, environment
 from quantcore.job_pipeline import seed_everything
@@ -203,14 +203,12 @@ def _ptq(model: nn.Module, spec: PTQSpec, train: Arrays, calibration_samples: in
     """Quantize in place; returns each layer's weight bits."""
     from quantcore.algorithms.adaround import AdaRoundOptions, adaround_model
     from quantcore.algorithms.brecq import brecq_model
-    from quantcore.algorithms.dfq import data_free_quantize, fold_batchnorm, weight_quantizer
-    from quantcore.schemes import QuantScheme
+    from quantcore.algorithms.dfq import data_free_quantize, fold_batchnorm, round_to_nearest, weight_quantizer
 
     calibration = train.x[:calibration_samples]
     labels = None if train.y is None else train.y[:calibration_samples]
     fold_batchnorm(model)  # a deployed network has no BN; DFQ would fold it first anyway
-    schemes = {name: QuantScheme(bits=b, granularity="tensor")
-               for name, b in bits_per_layer(model, spec.weight_bits, spec.first_last_bits).items()}
+    schemes = per_tensor_schemes(model, spec.weight_bits, spec.first_last_bits)
     steps = [2]  # the weights' steps + 1 for the activations; AdaRound and BRECQ count layers or blocks
 
     def step(done: int, total: int, message: str) -> None:
@@ -219,10 +217,7 @@ def _ptq(model: nn.Module, spec: PTQSpec, train: Arrays, calibration_samples: in
 
     progress("quantize", 0, 2, f"{spec.method}: weights")
     if spec.method == "rtn":
-        with torch.no_grad():
-            for name, scheme in schemes.items():
-                layer = model.get_submodule(name)
-                layer.weight.copy_(weight_quantizer(scheme)(layer.weight.detach()))
+        round_to_nearest(model, schemes)
     elif spec.method == "dfq":
         per_layer = {name: weight_quantizer(scheme) for name, scheme in schemes.items()}
         data_free_quantize(model, None, data=[calibration], example_input=calibration[:1], per_layer=per_layer)
@@ -243,15 +238,11 @@ def _ptq(model: nn.Module, spec: PTQSpec, train: Arrays, calibration_samples: in
 
 def _rtn_preview(model: nn.Module, bits: int, x: torch.Tensor, reference: torch.Tensor) -> float:
     """Accuracy of a copy under per-tensor round-to-nearest (first and last layer at 8 bits)."""
-    from quantcore.algorithms.dfq import fold_batchnorm, weight_quantizer
-    from quantcore.schemes import QuantScheme
+    from quantcore.algorithms.dfq import fold_batchnorm, round_to_nearest
 
     rounded = copy.deepcopy(model).eval()
     fold_batchnorm(rounded)
-    with torch.no_grad():
-        for name, b in bits_per_layer(rounded, bits).items():
-            layer = rounded.get_submodule(name)
-            layer.weight.copy_(weight_quantizer(QuantScheme(bits=b, granularity="tensor"))(layer.weight.detach()))
+    round_to_nearest(rounded, per_tensor_schemes(rounded, bits))
     return _accuracy(_predict(rounded, x), reference)
 
 

@@ -457,3 +457,11 @@ def weight_quantizer(scheme):
         return fake_quant_weight(W.reshape(W.shape[0], -1).float(), scheme).reshape(W.shape)
 
     return quantize_weight
+
+
+@torch.no_grad()
+def round_to_nearest(model: nn.Module, schemes: dict) -> None:
+    """Every named layer's weight rounded to nearest on its scheme's grid, in place."""
+    for name, scheme in schemes.items():
+        layer = model.get_submodule(name)
+        layer.weight.copy_(weight_quantizer(scheme)(layer.weight.detach()))

@@ -29,7 +29,8 @@ from torch import nn
 
 from quantcore.algorithms.lsq import LSQPlusQuantizer, LSQQuantizer
 from quantcore.algorithms.pact import PACTQuantizer
-from quantcore.algorithms.quantsim import FakeQuantizer, StaticQuantizer, bits_per_layer, weighted_layers, wrap_layers
+from quantcore.algorithms.quantsim import (FakeQuantizer, StaticQuantizer, bits_per_layer, per_tensor_schemes,
+                                          weighted_layers, wrap_layers)
 
 
 def _ste_weight(bits: int) -> FakeQuantizer:
@@ -104,11 +105,11 @@ def prepare_qat(model: nn.Module, options: QATOptions, calibration: torch.Tensor
 
     weight_bits = bits_per_layer(model, options.weight_bits, options.first_last_bits)
     if options.init == "dfq":
-        _ptq_start(model, options, weight_bits, calibration)  # DFQ folds BN itself: it needs the statistics
+        _ptq_start(model, options, calibration)  # DFQ folds BN itself: it needs the statistics
     else:
         fold_batchnorm(model)  # a deployed network has no BN: train what will be deployed
         if options.init == "adaround":
-            _ptq_start(model, options, weight_bits, calibration)
+            _ptq_start(model, options, calibration)
     names = weighted_layers(model)
     first_last = {names[0], names[-1]} if options.first_last_bits is not None else set()
     make_weight, make_input = _method_table()[options.method]
@@ -126,13 +127,12 @@ def prepare_qat(model: nn.Module, options: QATOptions, calibration: torch.Tensor
     return model
 
 
-def _ptq_start(model: nn.Module, options: QATOptions, weight_bits: dict[str, int], calibration) -> None:
+def _ptq_start(model: nn.Module, options: QATOptions, calibration) -> None:
     """Replace the float weights by a PTQ result on the same grid: QAT then starts there."""
     from quantcore.algorithms.adaround import adaround_model
     from quantcore.algorithms.dfq import data_free_quantize, weight_quantizer
-    from quantcore.schemes import QuantScheme
 
-    schemes = {name: QuantScheme(bits=bits, granularity="tensor") for name, bits in weight_bits.items()}
+    schemes = per_tensor_schemes(model, options.weight_bits, options.first_last_bits)
     if options.init == "dfq":
         quantizers = {name: weight_quantizer(scheme) for name, scheme in schemes.items()}
         data_free_quantize(model, None, data=None if calibration is None else [calibration], per_layer=quantizers)

@@ -219,6 +219,12 @@ def bits_per_layer(model: nn.Module, bits: int, first_last_bits: int | None = 8)
     return chosen
 
 
+def per_tensor_schemes(model: nn.Module, bits: int, first_last_bits: int | None = 8) -> dict[str, QuantScheme]:
+    """One per-tensor weight scheme per conv/linear layer, at `bits_per_layer`'s widths."""
+    return {name: QuantScheme(bits=b, granularity=Granularity.TENSOR)
+            for name, b in bits_per_layer(model, bits, first_last_bits).items()}
+
+
 QuantizerFactory = Callable[[str, nn.Module, int], "FakeQuantizer | None"]
 
 
