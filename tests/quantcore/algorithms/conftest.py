@@ -1,9 +1,13 @@
 """Fixtures of the algorithm tests: a tiny llama whose weights give calibration-based
-algorithms something to exploit, and the error measure their whole-model tests compare by."""
+algorithms something to exploit, the error measure their whole-model tests compare by, and
+an untrained digits CNN whose BatchNorm looks trained."""
 
 import pytest
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from quantcore.models.digits_cnn import DigitsCNN
 
 
 def _structured_llama() -> LlamaForCausalLM:
@@ -33,3 +37,23 @@ def structured_llama():
 @pytest.fixture
 def logits_error():
     return _logits_error
+
+
+def _seeded_cnn(seed: int = 0, width: int = 16) -> DigitsCNN:
+    """A seeded, untrained DigitsCNN with the BN statistics of a trained network, so that
+    folding them changes the weights."""
+    torch.manual_seed(seed)
+    model = DigitsCNN(width)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.4)
+    return model.eval()
+
+
+@pytest.fixture
+def seeded_cnn():
+    return _seeded_cnn

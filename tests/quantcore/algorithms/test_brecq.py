@@ -14,7 +14,6 @@ from torch import nn
 from quantcore.algorithms.adaround import AdaRoundOptions
 from quantcore.algorithms.brecq import brecq_model, find_blocks, fisher_diagonals, reconstruct_block
 from quantcore.algorithms.dfq import fold_batchnorm
-from quantcore.models.digits_cnn import DigitsCNN
 from quantcore.schemes import QuantScheme
 
 ORDER = ["stem.0", "body1.0", "body2.0", "branch3.0", "branch1.0", "mix.0", "head"]
@@ -28,19 +27,14 @@ FAST = AdaRoundOptions(iterations=200, learning_rate=3e-2)
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: thread hand-offs cost more than they save
 
 
-def folded_cnn(seed=0):
-    torch.manual_seed(seed)
-    model = DigitsCNN()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.4)
-    model.eval()
-    fold_batchnorm(model)
-    return model
+@pytest.fixture
+def folded_cnn(seeded_cnn):
+    def build(seed=0):
+        model = seeded_cnn(seed)
+        fold_batchnorm(model)
+        return model
+
+    return build
 
 
 def images(n=64, seed=0):
@@ -61,7 +55,7 @@ def per_tensor_step(W, bits):
 # --- blocks ---------------------------------------------------------------------------------
 
 
-def test_blocks_recompose_the_model_and_keep_residual_and_concat_whole():
+def test_blocks_recompose_the_model_and_keep_residual_and_concat_whole(folded_cnn):
     model = folded_cnn()
     x = images()
     blocks = find_blocks(model)
@@ -118,7 +112,7 @@ def hooked_gradients(model, x, target):
 
 
 @pytest.mark.parametrize("with_labels", [True, False])
-def test_fisher_diagonals_equal_squared_output_gradients(with_labels):
+def test_fisher_diagonals_equal_squared_output_gradients(with_labels, folded_cnn):
     model = folded_cnn(1)
     x, y = images(32, 1), labels(32, 1)
     reference_model = copy.deepcopy(model)
@@ -161,7 +155,7 @@ def fisher_loss(block, target, x_quant, fisher):
 
 
 @pytest.mark.parametrize("block_index,bits", [(1, 3), (2, 3), (3, 2)])
-def test_reconstruct_block_never_ends_above_round_to_nearest(block_index, bits):
+def test_reconstruct_block_never_ends_above_round_to_nearest(block_index, bits, folded_cnn):
     model = folded_cnn(2)
     x, y = images(48, 2), labels(48, 2)
     blocks = find_blocks(model)
@@ -194,7 +188,7 @@ def test_reconstruct_block_never_ends_above_round_to_nearest(block_index, bits):
         assert bool(((codes.round() == floor) | (codes.round() == ceil)).all())
 
 
-def test_brecq_model_puts_every_weight_on_its_grid_and_beats_nearest():
+def test_brecq_model_puts_every_weight_on_its_grid_and_beats_nearest(folded_cnn):
     model = folded_cnn(4)
     x, y = images(64, 4), labels(64, 4)
     bits = 3
@@ -224,7 +218,7 @@ def test_brecq_model_puts_every_weight_on_its_grid_and_beats_nearest():
     assert error < nearest_error
 
 
-def test_missing_scheme_is_refused():
+def test_missing_scheme_is_refused(folded_cnn):
     model = folded_cnn()
     schemes = {n: QuantScheme(bits=4, granularity="tensor") for n in ORDER if n != "mix.0"}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

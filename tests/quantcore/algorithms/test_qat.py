@@ -13,7 +13,7 @@ from torch import nn
 from quantcore.algorithms import qat
 from quantcore.algorithms.qat import QATOptions, prepare_qat, train_qat
 from quantcore.algorithms.quantsim import QuantSimLayer, StaticQuantizer
-from quantcore.models.digits_cnn import DigitsCNN, digits_split
+from quantcore.models.digits_cnn import digits_split
 
 ORDER = ["stem.0", "body1.0", "body2.0", "branch3.0", "branch1.0", "mix.0", "head"]
 ENDS = ("stem.0", "head")
@@ -28,24 +28,11 @@ def digits():
     return split.train_x[:300], split.train_y[:300]
 
 
-def seeded_cnn(seed=0, width=16):
-    torch.manual_seed(seed)
-    model = DigitsCNN(width)
-    with torch.no_grad():  # BN statistics of a trained network, so that folding does something
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.4)
-    return model.eval()
-
-
 # --- prepare_qat ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", ["lsq", "pact", "ste"])
-def test_prepare_wraps_every_layer_with_8_bit_ends_and_folds_bn(method, digits):
+def test_prepare_wraps_every_layer_with_8_bit_ends_and_folds_bn(method, digits, seeded_cnn):
     x = digits[0][:64]
     model = seeded_cnn()
     with torch.no_grad():
@@ -72,7 +59,7 @@ def test_prepare_wraps_every_layer_with_8_bit_ends_and_folds_bn(method, digits):
         assert torch.allclose(model(x), reference, atol=1e-5)
 
 
-def test_prepare_without_first_last_bits_and_with_float_activations():
+def test_prepare_without_first_last_bits_and_with_float_activations(seeded_cnn):
     model = prepare_qat(seeded_cnn(), QATOptions(weight_bits=4, activation_bits=None, first_last_bits=None))
     for name in ORDER:
         layer = model.get_submodule(name)
@@ -80,12 +67,12 @@ def test_prepare_without_first_last_bits_and_with_float_activations():
         assert layer.weight_quantizer.bits == 4, name
 
 
-def test_adaround_start_needs_calibration():
+def test_adaround_start_needs_calibration(seeded_cnn):
     with pytest.raises(ValueError):
         prepare_qat(seeded_cnn(), QATOptions(init="adaround"))
 
 
-def test_a_ptq_start_puts_the_ptq_weights_under_the_quantizers(digits):
+def test_a_ptq_start_puts_the_ptq_weights_under_the_quantizers(digits, seeded_cnn):
     """init='dfq': the wrapped layers hold what DFQ itself gives on the same grids, and their
     4-bit weights are already on a 16-level grid before any training."""
     from quantcore.algorithms.dfq import data_free_quantize, weight_quantizer
@@ -126,18 +113,18 @@ def test_method_table_covers_the_declared_methods():
 # --- train_qat ------------------------------------------------------------------------------
 
 
-def _train(digits, seed, progress=None, **overrides):
+def _train(model, digits, seed, progress=None, **overrides):
     options = QATOptions(method="lsq", weight_bits=4, activation_bits=4, epochs=2, batch_size=64, seed=seed,
                          **overrides)
-    model = prepare_qat(seeded_cnn(), options)
+    prepare_qat(model, options)
     report = train_qat(model, *digits, options, progress=progress)
     return model, report
 
 
-def test_training_is_reproducible_and_reports_each_epoch(digits):
+def test_training_is_reproducible_and_reports_each_epoch(digits, seeded_cnn):
     calls = []
-    model_a, report_a = _train(digits, seed=1, progress=lambda epoch, record: calls.append((epoch, dict(record))))
-    model_b, report_b = _train(digits, seed=1)
+    model_a, report_a = _train(seeded_cnn(), digits, seed=1, progress=lambda epoch, record: calls.append((epoch, dict(record))))
+    model_b, report_b = _train(seeded_cnn(), digits, seed=1)
     assert report_a.epochs == report_b.epochs
     assert all(torch.equal(p, q) for p, q in zip(model_a.state_dict().values(), model_b.state_dict().values()))
     assert calls == [(1, report_a.epochs[0]), (2, report_a.epochs[1])]
@@ -146,11 +133,11 @@ def test_training_is_reproducible_and_reports_each_epoch(digits):
         assert all(torch.isfinite(torch.tensor(v)) for v in record.values())
         assert 0.0 <= record["val_top1"] <= 100.0
     assert not model_a.training
-    _, report_c = _train(digits, seed=2)
+    _, report_c = _train(seeded_cnn(), digits, seed=2)
     assert report_c.epochs != report_a.epochs  # the seed does matter
 
 
-def test_the_validation_metrics_are_those_of_the_held_out_samples(digits, monkeypatch):
+def test_the_validation_metrics_are_those_of_the_held_out_samples(digits, monkeypatch, seeded_cnn):
     """val_loss/val_top1 recomputed by hand on the held-out share (the first 10 % of a seeded
     permutation of the samples)."""
     x, y = digits
@@ -182,7 +169,7 @@ def test_the_validation_metrics_are_those_of_the_held_out_samples(digits, monkey
     (2, [1.0, 0.9, 0.8, 0.7, 0.6], 5, 5),
     (None, [1.0, 2.0, 3.0, 4.0, 5.0], 5, 1),
 ])
-def test_early_stopping_follows_the_validation_loss(digits, monkeypatch, patience, losses, ran, best):
+def test_early_stopping_follows_the_validation_loss(digits, monkeypatch, patience, losses, ran, best, seeded_cnn):
     x, y = digits
     snapshots = []
 
@@ -206,7 +193,7 @@ def test_early_stopping_follows_the_validation_loss(digits, monkeypatch, patienc
         assert not all(torch.equal(final[k], v) for k, v in snapshots[ran - 1].items())
 
 
-def test_distillation_needs_a_teacher_and_then_ignores_the_labels(digits):
+def test_distillation_needs_a_teacher_and_then_ignores_the_labels(digits, seeded_cnn):
     x, y = digits[0][:96], digits[1][:96]
     options = QATOptions(method="ste", weight_bits=4, activation_bits=8, epochs=1, loss="distill_mse")
     teacher = seeded_cnn()
@@ -219,7 +206,7 @@ def test_distillation_needs_a_teacher_and_then_ignores_the_labels(digits):
 
 
 @pytest.mark.parametrize("method", sorted(qat._method_table()))
-def test_every_method_trains_at_w2a2_and_keeps_at_most_4_levels(method, digits):
+def test_every_method_trains_at_w2a2_and_keeps_at_most_4_levels(method, digits, seeded_cnn):
     bits = 2
     x, y = digits[0][:48], digits[1][:48]
     options = QATOptions(method=method, weight_bits=bits, activation_bits=bits, epochs=1, batch_size=24,

@@ -51,19 +51,6 @@ def fake_quant_minmax(x, bits, signed):
     return fake_quant(x, S, Z, bits, signed)
 
 
-def seeded_cnn(seed=0):
-    torch.manual_seed(seed)
-    model = DigitsCNN()
-    with torch.no_grad():  # BN statistics of a trained network, so that folding does something
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.4)
-    return model.eval()
-
-
 def images(n=48, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 1, 8, 8, generator=g)
@@ -221,7 +208,7 @@ def test_quantsim_layer_equals_fake_quant_by_hand(kind):
 # --- layer order, bits, wrapping ------------------------------------------------------------
 
 
-def test_weighted_layers_in_forward_call_order():
+def test_weighted_layers_in_forward_call_order(seeded_cnn):
     model = seeded_cnn()
     # DigitsCNN.forward: stem, body1 → body2 (+ stem), pool, [branch3 ‖ branch1], mix, head
     assert weighted_layers(model) == ORDER
@@ -246,7 +233,7 @@ def test_weighted_layers_follows_calls_not_definitions():
 
 
 @pytest.mark.parametrize("first_last", [8, 6, None])
-def test_bits_per_layer_keeps_first_and_last(first_last):
+def test_bits_per_layer_keeps_first_and_last(first_last, seeded_cnn):
     chosen = bits_per_layer(seeded_cnn(), 3, first_last)
     assert list(chosen) == ORDER
     ends = 3 if first_last is None else first_last
@@ -281,7 +268,7 @@ def reference_input_ranges(model, data, bits):
     return ranges
 
 
-def test_calibrate_inputs_sees_the_model_quantized_up_to_each_layer():
+def test_calibrate_inputs_sees_the_model_quantized_up_to_each_layer(seeded_cnn):
     model = seeded_cnn(3)
     fold_batchnorm(model)
     data = [images(32, 0), images(32, 1) * 1.5 - 0.2]  # the second batch has negatives
@@ -315,7 +302,7 @@ def test_calibrate_inputs_sees_the_model_quantized_up_to_each_layer():
         h.remove()
 
 
-def test_static_quantsim_needs_data_and_wraps_inputs_only():
+def test_static_quantsim_needs_data_and_wraps_inputs_only(seeded_cnn):
     model = seeded_cnn()
     assert static_quantsim(model, None, None) == {}
     assert not any(isinstance(m, QuantSimLayer) for m in model.modules())
