@@ -13,7 +13,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 from fastapi import Request
 from sqlalchemy.orm import Session
@@ -36,15 +36,8 @@ CONFIG_EXAMPLE = '{"architecture": "digits-cnn", "width": 16}'
 
 
 async def receive_dataset(request: Request, session: Session, settings: Settings) -> Dataset:
-    dataset_id = uuid.uuid4().hex
-    staging = settings.datasets_dir / f"{dataset_id}.partial"
-    try:
-        upload = await upload_stream.receive(
-            request, staging / "upload", settings.max_upload_bytes, frozenset({"name"})
-        )
-        return await run_in_threadpool(_store_dataset, session, settings, dataset_id, upload)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already once published
+    return await _receive(request, settings, settings.datasets_dir, frozenset({"name"}),
+                          lambda upload_id, upload: _store_dataset(session, settings, upload_id, upload))
 
 
 def _store_dataset(session: Session, settings: Settings, dataset_id: str, upload: Upload) -> Dataset:
@@ -68,19 +61,23 @@ def _store_dataset(session: Session, settings: Settings, dataset_id: str, upload
 
 
 async def receive_model(request: Request, session: Session, settings: Settings) -> UploadedModel:
-    model_id = uuid.uuid4().hex
-    staging = settings.models_dir / f"{model_id}.partial"
+    return await _receive(request, settings, settings.models_dir, frozenset({"name", "config"}),
+                          lambda upload_id, upload: _store_model(session, settings, upload_id, upload),
+                          check_filename=model_files.check_filename)
+
+
+async def _receive(request: Request, settings: Settings, folder: Path, fields: frozenset[str],
+                   store: Callable[[str, Upload], Row], check_filename: Callable[[str], None] | None = None) -> Row:
+    """Stream the upload into `<folder>/<id>.partial`, then check and publish it with `store`
+    (in a thread: it reads the file); the staging folder never outlives the request."""
+    upload_id = uuid.uuid4().hex
+    staging = folder / f"{upload_id}.partial"
     try:
-        upload = await upload_stream.receive(
-            request,
-            staging / "upload",
-            settings.max_upload_bytes,
-            frozenset({"name", "config"}),
-            check_filename=model_files.check_filename,
-        )
-        return await run_in_threadpool(_store_model, session, settings, model_id, upload)
+        upload = await upload_stream.receive(request, staging / "upload", settings.max_upload_bytes, fields,
+                                             check_filename)
+        return await run_in_threadpool(store, upload_id, upload)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once published
 
 
 def _store_model(session: Session, settings: Settings, model_id: str, upload: Upload) -> UploadedModel:
