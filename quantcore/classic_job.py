@@ -263,6 +263,35 @@ def _finetune_job(model: nn.Module, request: ClassicJobRequest, train: Arrays, h
     return metrics, {"finetune": spec.model_dump(mode="json"), "epochs": records}
 
 
+def _quantize(model: nn.Module, request: ClassicJobRequest, train: Arrays, progress) -> tuple[dict | None, dict[str, int]]:
+    """PTQ or QAT in place; returns the training record (None for PTQ without fine-tuning) and,
+    for PTQ, each layer's weight bits."""
+    if request.kind == "ptq":
+        assert request.ptq is not None
+        training = None
+        if request.ptq.regularize is not None:
+            records = _regularize(model, request.ptq.regularize, train, request.seed, progress)
+            training = {"regularize": request.ptq.regularize.model_dump(mode="json"), "epochs": records}
+        return training, _ptq(model, request.ptq, train, request.data.calibration_samples, request.seed, progress)
+
+    assert request.qat is not None
+    options = request.qat
+    if train.y is None and options.loss == "cross_entropy":
+        options = options.model_copy(update={"loss": "distill_mse"})  # no labels: learn the float model's outputs
+    teacher = copy.deepcopy(model) if options.loss == "distill_mse" else None  # the float model, before it changes
+    prepare_qat(model, options, train.x[: request.data.calibration_samples])
+
+    def epoch_done(epoch: int, record: dict) -> None:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch")
+        progress("quantize", epoch, options.epochs, f"epoch {epoch}: {shown}")
+
+    labels = train.y if train.y is not None else torch.zeros(len(train.x), dtype=torch.long)
+    report = train_qat(model, train.x, labels, options, epoch_done, teacher=teacher)
+    training = {"options": options.model_dump(mode="json"), "epochs": report.epochs,
+                "best_epoch": report.best_epoch, "stopped_early": report.stopped_early}
+    return training, {}
+
+
 def _report(request: ClassicJobRequest, model: nn.Module, classes: int, metrics: dict, layers: list, training, timings) -> dict:
     return {
         "format": "qforge-report/1",
@@ -313,51 +342,24 @@ def run_classic_job(request: ClassicJobRequest, output_dir: Path, progress=None,
     if request.kind == "finetune":
         metrics, training = _finetune_job(model, request, train, held_out, reference, metric, baseline, folder, progress)
         timings["finetune_s"] = round(time.perf_counter() - start, 3)
-        report = _report(request, model, classes, metrics, [], training, timings)
-        write_json(folder / "report.json", report)
-        write_manifest(folder)
-        progress("export", 1, 1, "artifact written")
-        report["timings"]["total_s"] = round(time.perf_counter() - started, 3)
-        return report
-    teacher = copy.deepcopy(model)
-    training: dict | None = None
-    ptq_bits: dict[str, int] = {}
-    if request.kind == "ptq":
-        assert request.ptq is not None
-        if request.ptq.regularize is not None:
-            records = _regularize(model, request.ptq.regularize, train, request.seed, progress)
-            training = {"regularize": request.ptq.regularize.model_dump(mode="json"), "epochs": records}
-        ptq_bits = _ptq(model, request.ptq, train, request.data.calibration_samples, request.seed, progress)
+        layers: list[dict] = []
     else:
-        assert request.qat is not None
-        options = request.qat
-        if train.y is None and options.loss == "cross_entropy":
-            options = options.model_copy(update={"loss": "distill_mse"})  # no labels: learn the float model's outputs
-        prepare_qat(model, options, train.x[: request.data.calibration_samples])
+        training, ptq_bits = _quantize(model, request, train, progress)
+        timings["quantize_s"] = round(time.perf_counter() - start, 3)
+        quantized = {metric: _accuracy(_predict(model, held_out.x), reference)}
+        progress("evaluate", 1, 1, f"quantized {metric} {quantized[metric]:.2f} %")
+        metrics = {"baseline": baseline, "quantized": quantized,
+                   "delta": {f"{metric}_points": round(quantized[metric] - baseline[metric], 4)}}
 
-        def epoch_done(epoch: int, record: dict) -> None:
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch")
-            progress("quantize", epoch, options.epochs, f"epoch {epoch}: {shown}")
+        progress("export", 0, 1, "writing artifact")
+        tensors, described = export_quantsim(model)
+        for name, bits in ptq_bits.items():  # PTQ'd weights are on their grids: no weight quantizer left to describe them
+            described[name]["weight"] = {"method": request.ptq.method, "bits": bits, "granularity": "tensor"}
+        save_file(tensors, str(folder / "model.safetensors"))
+        write_json(folder / "quantization.json", {"format": "qforge-quantsim/1", "layers": described})
+        layers = [{"name": name, **entry} for name, entry in described.items()]
 
-        labels = train.y if train.y is not None else torch.zeros(len(train.x), dtype=torch.long)
-        report = train_qat(model, train.x, labels, options, epoch_done, teacher=teacher)
-        training = {"options": options.model_dump(mode="json"), "epochs": report.epochs,
-                    "best_epoch": report.best_epoch, "stopped_early": report.stopped_early}
-    timings["quantize_s"] = round(time.perf_counter() - start, 3)
-
-    quantized = {metric: _accuracy(_predict(model, held_out.x), reference)}
-    progress("evaluate", 1, 1, f"quantized {metric} {quantized[metric]:.2f} %")
-
-    progress("export", 0, 1, "writing artifact")
-    tensors, layers = export_quantsim(model)
-    for name, bits in ptq_bits.items():  # PTQ'd weights are on their grids: no weight quantizer left to describe them
-        layers[name]["weight"] = {"method": request.ptq.method, "bits": bits, "granularity": "tensor"}
-    save_file(tensors, str(folder / "model.safetensors"))
-    metrics = {"baseline": baseline, "quantized": quantized,
-               "delta": {f"{metric}_points": round(quantized[metric] - baseline[metric], 4)}}
-    report = _report(request, model, classes, metrics, [{"name": name, **entry} for name, entry in layers.items()],
-                     training, timings)
-    write_json(folder / "quantization.json", {"format": "qforge-quantsim/1", "layers": layers})
+    report = _report(request, model, classes, metrics, layers, training, timings)
     write_json(folder / "report.json", report)
     write_manifest(folder)
     progress("export", 1, 1, "artifact written")
