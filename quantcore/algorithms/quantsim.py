@@ -303,7 +303,7 @@ def export_quantsim(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
         if wrapped is None:
             tensors[key] = value.detach().clone()
         elif key.startswith(f"{wrapped}.layer."):
-            tensors[f"{wrapped}.{key[len(wrapped) + 7:]}"] = value.detach().clone()
+            tensors[f"{wrapped}.{key.removeprefix(f'{wrapped}.layer.')}"] = value.detach().clone()
         elif key.startswith(f"{wrapped}.input_quantizer."):
             tensors[key] = value.detach().clone().float()
     for name, layer in layers.items():
