@@ -36,12 +36,16 @@ class GPTQResult:
     qparams: QParams  # grouped-view shaped, as QuantizedLinear stores them
     loss: float  # Σ (w − q)² / U_ii², GPTQ's own error estimate
     perm: torch.Tensor | None
+    row_losses: torch.Tensor | None = None  # the same, per row of W
 
 
 class GPTQ:
     """Accumulates one layer's Hessian from its calibration inputs, then quantizes its weight."""
 
-    flush_rows = 2048  # inputs are multiplied in batches of this many rows: XᵀX is faster tall
+    flush_rows = 8192  # inputs are multiplied in batches of this many rows: XᵀX is faster tall
+    # Rows never interact (each is solved against the same H⁻¹), so layers that share a
+    # Hessian can be quantized as one stacked matrix: one Cholesky and one column loop.
+    stacks_rows = True
 
     def __init__(self, columns: int) -> None:
         self.columns = columns
@@ -64,12 +68,13 @@ class GPTQ:
         X = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
         self._pending, self._pending_rows = [], 0
         self.nsamples += X.shape[0]
-        self._xtx += gram(X).float()
+        add_upper_gram(self._xtx, X)
 
     @property
     def H(self) -> torch.Tensor:
         self._flush()
-        return self._xtx * (2 / max(self.nsamples, 1))
+        upper = torch.triu(self._xtx)
+        return (upper + torch.triu(self._xtx, diagonal=1).T) * (2 / max(self.nsamples, 1))
 
     @H.setter
     def H(self, value: torch.Tensor) -> None:  # tests and callers with a Hessian of their own
@@ -166,21 +171,26 @@ class GPTQ:
             scale, zero = scale[:1, :1], zero[:1, :1]
         shape = _grouped_shape(scheme, rows, columns)
         qparams = QParams(scale=scale.reshape(shape), zero_point=zero.reshape(shape), scheme=scheme)
-        return GPTQResult(Q=Q, qparams=qparams, loss=float(losses.sum()), perm=perm)
+        return GPTQResult(Q=Q, qparams=qparams, loss=float(losses.sum()), perm=perm, row_losses=losses)
 
 
-def gram(X: torch.Tensor) -> torch.Tensor:
-    """XᵀX, computing each off-diagonal block once: the Gram matrix is symmetric, so for wide
-    X the lower-left block is the transpose of the upper-right (about 5/8 of the multiplies
-    at two levels of splitting)."""
+GRAM_BLOCK = 192  # columns per block row of add_upper_gram: wide enough to keep the GEMMs efficient
+
+
+def add_upper_gram(accumulator: torch.Tensor, X: torch.Tensor) -> None:
+    """accumulator += XᵀX on and above the diagonal blocks only: XᵀX is symmetric, so the
+    blocks below the diagonal repeat the ones above (with 1536 columns in blocks of 192,
+    this is 9/16 of the multiplies). The blocks below are left as they were: read the
+    result through its upper triangle (`GPTQ.H`). X in another dtype than the accumulator
+    (bfloat16 calibration forwards) is multiplied in its own dtype, the sums added in the
+    accumulator's."""
     columns = X.shape[1]
-    if columns <= 512:
-        return X.T @ X
-    half = columns // 2
-    left, right = X[:, :half], X[:, half:]
-    top = torch.cat([gram(left), left.T @ right], dim=1)
-    bottom = torch.cat([top[:, half:].T, gram(right)], dim=1)
-    return torch.cat([top, bottom], dim=0)
+    for start in range(0, columns, GRAM_BLOCK):
+        end = min(start + GRAM_BLOCK, columns)
+        if X.dtype == accumulator.dtype:
+            accumulator[start:end, start:].addmm_(X[:, start:end].T, X[:, start:])
+        else:
+            accumulator[start:end, start:] += (X[:, start:end].T @ X[:, start:]).to(accumulator.dtype)
 
 
 def _current_group(WT, W1, E1, U, start: int, i: int, group: int) -> torch.Tensor:

@@ -29,7 +29,8 @@ from quantcore.algorithms.gptq import GPTQ
 from quantcore.pipeline import BlockInputs, CalibrationBlock, contains, find_blocks, run_blockwise
 from quantcore.recipe import Stage
 from quantcore.registry import Algorithm, register
-from quantcore.schemes import QuantType
+from quantcore.qparams import QParams
+from quantcore.schemes import Granularity, QuantType
 from quantcore.targets import select_modules
 
 
@@ -114,11 +115,26 @@ def apply(
     scale_dtype = getattr(torch, stage.scale_dtype)
     results: list[LayerResult] = []
 
-    def quantize_layer(name: str, linear: nn.Linear, accumulated: GPTQ) -> None:
-        result = accumulated.quantize(linear.weight.detach().float(), stage.weights, scale_dtype=scale_dtype, **solve_options)
-        layer = replace_with_quantized(model, name, linear, stage, qparams=result.qparams, weight=result.Q)
-        layer.extra[f"{stage.algorithm}_loss"] = round(float(result.loss), 6)
-        results.append(layer)
+    def quantize_layers(names: list[str], accumulated: GPTQ) -> None:
+        """Quantize `names`, layers that share the Hessian in `accumulated`: stacked into one
+        matrix when the solver allows it and the scheme keeps S/Z per row (rows are solved
+        independently, so this is the same result as one layer at a time, for less work)."""
+        linears = [targets[name] for name in names]
+        if len(names) > 1 and not (accumulated.stacks_rows and stage.weights.granularity != Granularity.TENSOR):
+            for name in names:
+                quantize_layers([name], accumulated)
+            return
+        W = torch.cat([linear.weight.detach().float() for linear in linears])
+        result = accumulated.quantize(W, stage.weights, scale_dtype=scale_dtype, **solve_options)
+        start = 0
+        for name, linear in zip(names, linears):
+            rows = slice(start, start + linear.out_features)
+            start = rows.stop
+            qparams = QParams(scale=result.qparams.scale[rows], zero_point=result.qparams.zero_point[rows], scheme=stage.weights)
+            layer = replace_with_quantized(model, name, linear, stage, qparams=qparams, weight=result.Q[rows])
+            loss = result.row_losses[rows].sum() if result.row_losses is not None else result.loss
+            layer.extra[f"{stage.algorithm}_loss"] = round(float(loss), 6)
+            results.append(layer)
 
     def quantize_block(block: CalibrationBlock) -> None:
         layers = block.layers(targets)
@@ -134,32 +150,37 @@ def apply(
                     solvers[names[0]].add_batch(x)
 
             def quantize_group(group: list[str]) -> None:
-                for name in (f"{block.name}.{n}" for n in group):
-                    if name in layers:
-                        quantize_layer(name, layers[name], solvers.pop(name))
+                names = [f"{block.name}.{n}" for n in group if f"{block.name}.{n}" in layers]
+                if names:
+                    quantize_layers(names, solvers[names[0]])
+                for name in names:
+                    del solvers[name]
 
             segments.run_true_sequential(block, observe, quantize_group)
             return
         if not options.true_sequential:
-            solvers = accumulate_hessians(block, layers, solver)
-            for name, linear in layers.items():
-                quantize_layer(name, linear, solvers.pop(name))
+            for names, shared in _sharing(accumulate_hessians(block, layers, solver)):
+                quantize_layers(names, shared)
             return
         # Any other block, true-sequential the general way: a pass over the first sample finds
         # the order the layers run in and which share an input; then each group is calibrated
         # on the block as it is now, with the groups before it quantized (one pass per group).
         first = BlockInputs(block.inputs.hidden[:1], block.inputs.kwargs[:1])
         probe = CalibrationBlock(block.name, block.module, first, block.compute_dtype)
-        groups: dict[int, list[str]] = {}
-        for name, accumulated in accumulate_hessians(probe, layers, solver).items():  # in the order they ran
-            groups.setdefault(id(accumulated), []).append(name)
-        for group in groups.values():
-            current = accumulate_hessians(block, {name: layers[name] for name in group}, solver)
-            for name in group:
-                quantize_layer(name, layers[name], current.pop(name))
+        for group, _ in _sharing(accumulate_hessians(probe, layers, solver)):
+            for names, shared in _sharing(accumulate_hessians(block, {name: layers[name] for name in group}, solver)):
+                quantize_layers(names, shared)
 
     run_blockwise(model, context.calibration, quantize_block, context.progress, context.compute_dtype, context.release_memory)
     return results
+
+
+def _sharing(solvers: dict[str, GPTQ]) -> list[tuple[list[str], GPTQ]]:
+    """The layers of `solvers` grouped by the accumulator they share, in the order they ran."""
+    groups: dict[int, tuple[list[str], GPTQ]] = {}
+    for name, accumulated in solvers.items():
+        groups.setdefault(id(accumulated), ([], accumulated))[0].append(name)
+    return list(groups.values())
 
 
 def calibrated_targets(model: nn.Module, stage: Stage, context: StageContext) -> dict[str, nn.Linear]:

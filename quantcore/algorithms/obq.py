@@ -43,6 +43,8 @@ MAX_ELEMENTS = 1 << 26  # rows · columns² of the per-row inverse Hessians: 256
 class OBQ(GPTQ):
     """Same Hessian accumulation as GPTQ (`add_batch`); exact greedy quantization."""
 
+    stacks_rows = False  # its per-row inverse Hessians grow with the rows: keep layers apart
+
     def quantize(
         self,
         W: torch.Tensor,

@@ -70,3 +70,17 @@ def test_dead_inputs():
     X[:, 5] = 0
     result = solve(X, torch.randn(8, 64), scheme(4))
     assert torch.all(result.Q[:, 5] == 0) and torch.isfinite(result.Q).all()
+
+
+@pytest.mark.parametrize("columns", [5, 192, 200, 600])
+def test_hessian_is_twice_the_mean_outer_product(columns):
+    """H = 2/n Σ x xᵀ, against a float64 sum of outer products, however the inputs arrive
+    (batches of any size, blocks of the Gram matrix computed once)."""
+    X = correlated_inputs(n=300, columns=columns, seed=1) if columns <= 64 else torch.randn(300, columns) * torch.rand(columns)
+    gptq = GPTQ(columns)
+    for chunk in X.split(37):
+        gptq.add_batch(chunk.reshape(1, -1, columns))
+    X64 = X.double()
+    expected = 2 / X.shape[0] * sum(torch.outer(x, x) for x in X64)
+    torch.testing.assert_close(gptq.H.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert torch.equal(gptq.H, gptq.H.T)

@@ -71,3 +71,39 @@ def test_later_layers_are_calibrated_on_the_quantized_layers_before_them(true_se
     Q2 = second.quantize(W2, scheme).Q
     assert torch.allclose(model[0].fc1.dequantize_weight(), Q1, atol=1e-6)
     assert torch.allclose(model[0].fc2.dequantize_weight(), Q2, atol=1e-6)
+
+
+class _SharedInputBlock(torch.nn.Module):
+    """Two layers fed the same tensor (as q/k/v are), then one fed their concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = torch.nn.Linear(16, 8), torch.nn.Linear(16, 24), torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.out(torch.cat([self.a(x), self.b(x)], dim=-1))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_layers_sharing_an_input_get_what_each_would_get_alone(act_order):
+    """The stage quantizes layers that share a Hessian as one stacked matrix; each must come
+    out as GPTQ on that layer alone with the same Hessian (weights, S/Z and its loss)."""
+    from quantcore.algorithms.gptq import GPTQ
+    from quantcore.schemes import QuantScheme
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_SharedInputBlock())
+    originals = {name: model[0].get_submodule(name).weight.detach().clone() for name in ("a", "b")}
+    data = [torch.randn(64, 16) @ torch.randn(16, 16) for _ in range(4)]
+    scheme = QuantScheme(bits=3, granularity="group", group_size=8)
+    stage = {"algorithm": "gptq", "ignore": [], "weights": scheme.model_dump(), "options": {"act_order": act_order}}
+    layers = {layer["name"]: layer for layer in quantize(model, {"stages": [stage]}, calibration=data, compute_dtype="float32")}
+
+    for name, W in originals.items():
+        alone = GPTQ(16)
+        alone.add_batch(torch.cat(data))
+        expected = alone.quantize(W, scheme, act_order=act_order)
+        quantized = model[0].get_submodule(name)
+        torch.testing.assert_close(quantized.dequantize_weight(), expected.Q, rtol=0, atol=1e-6)
+        torch.testing.assert_close(quantized.weight_qparams().scale, expected.qparams.scale.float())
+        assert layers[f"0.{name}"]["gptq_loss"] == pytest.approx(expected.loss, rel=1e-4, abs=1e-6)
