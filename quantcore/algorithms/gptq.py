@@ -42,7 +42,7 @@ class GPTQResult:
 class GPTQ:
     """Accumulates one layer's Hessian from its calibration inputs, then quantizes its weight."""
 
-    flush_rows = 8192  # inputs are multiplied in batches of this many rows: XᵀX is faster tall
+    flush_rows = 2048  # inputs are multiplied in batches of this many rows: XᵀX is faster tall
     # Rows never interact (each is solved against the same H⁻¹), so layers that share a
     # Hessian can be quantized as one stacked matrix: one Cholesky and one column loop.
     stacks_rows = True
