@@ -128,7 +128,7 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--layers", type=int, help="keep only the first K decoder layers (smoke test)")
     parser.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (DESIGN.md: 16384)")
-    parser.add_argument("--results", type=Path, help=f"also write the section '{SECTION}' of this markdown file")
+    parser.add_argument("--results", type=Path, help=f"also write the section '{SECTION.format(bits='<bits>')}' of this markdown file")
     args = parser.parse_args()
 
     random.seed(SEED)
