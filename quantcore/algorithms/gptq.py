@@ -36,7 +36,7 @@ class GPTQResult:
     qparams: QParams  # grouped-view shaped, as QuantizedLinear stores them
     loss: float  # Σ (w − q)² / U_ii², GPTQ's own error estimate
     perm: torch.Tensor | None
-    row_losses: torch.Tensor | None = None  # the same, per row of W
+    row_losses: torch.Tensor  # the same, per row of W (a stacked matrix's layers take their rows' share)
 
 
 class GPTQ:
@@ -73,8 +73,7 @@ class GPTQ:
     @property
     def H(self) -> torch.Tensor:
         self._flush()
-        upper = torch.triu(self._xtx)
-        return (upper + torch.triu(self._xtx, diagonal=1).T) * (2 / max(self.nsamples, 1))
+        return (torch.triu(self._xtx) + torch.triu(self._xtx, diagonal=1).T) * (2 / max(self.nsamples, 1))
 
     @H.setter
     def H(self, value: torch.Tensor) -> None:  # tests and callers with a Hessian of their own

@@ -119,22 +119,19 @@ def apply(
         """Quantize `names`, layers that share the Hessian in `accumulated`: stacked into one
         matrix when the solver allows it and the scheme keeps S/Z per row (rows are solved
         independently, so this is the same result as one layer at a time, for less work)."""
-        linears = [targets[name] for name in names]
-        if len(names) > 1 and not (accumulated.stacks_rows and stage.weights.granularity != Granularity.TENSOR):
-            for name in names:
-                quantize_layers([name], accumulated)
-            return
-        W = torch.cat([linear.weight.detach().float() for linear in linears])
-        result = accumulated.quantize(W, stage.weights, scale_dtype=scale_dtype, **solve_options)
-        start = 0
-        for name, linear in zip(names, linears):
-            rows = slice(start, start + linear.out_features)
-            start = rows.stop
-            qparams = QParams(scale=result.qparams.scale[rows], zero_point=result.qparams.zero_point[rows], scheme=stage.weights)
-            layer = replace_with_quantized(model, name, linear, stage, qparams=qparams, weight=result.Q[rows])
-            loss = result.row_losses[rows].sum() if result.row_losses is not None else result.loss
-            layer.extra[f"{stage.algorithm}_loss"] = round(float(loss), 6)
-            results.append(layer)
+        stackable = accumulated.stacks_rows and stage.weights.granularity != Granularity.TENSOR
+        for stack in [names] if stackable else [[name] for name in names]:
+            linears = [targets[name] for name in stack]
+            W = torch.cat([linear.weight.detach().float() for linear in linears])
+            result = accumulated.quantize(W, stage.weights, scale_dtype=scale_dtype, **solve_options)
+            start = 0
+            for name, linear in zip(stack, linears):
+                rows = slice(start, start + linear.out_features)
+                start = rows.stop
+                qparams = QParams(scale=result.qparams.scale[rows], zero_point=result.qparams.zero_point[rows], scheme=stage.weights)
+                layer = replace_with_quantized(model, name, linear, stage, qparams=qparams, weight=result.Q[rows])
+                layer.extra[f"{stage.algorithm}_loss"] = round(float(result.row_losses[rows].sum()), 6)
+                results.append(layer)
 
     def quantize_block(block: CalibrationBlock) -> None:
         layers = block.layers(targets)

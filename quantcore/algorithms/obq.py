@@ -108,7 +108,7 @@ class OBQ(GPTQ):
         Q = quant(w).float()
         grouped = _grouped_shape(scheme, rows, columns)
         qparams = QParams(scale=qparams.scale.reshape(grouped), zero_point=qparams.zero_point.reshape(grouped), scheme=scheme)
-        return GPTQResult(Q=Q, qparams=qparams, loss=float(losses.sum()), perm=None)
+        return GPTQResult(Q=Q, qparams=qparams, loss=float(losses.sum()), perm=None, row_losses=losses.float())
 
 
 class OBQOptions(BaseModel):
