@@ -1,0 +1,34 @@
+"""Triton kernels for quantized execution, each beside a plain-PyTorch reference.
+
+    w4a16      int4 group-wise weights x fp16/bf16/fp32 activations (GEMM, split-K GEMV)
+    w8a8       int8 x int8 GEMM with a per-token x per-channel scale epilogue, and the
+               per-token int8 activation quantization
+    reference  what each kernel computes, in PyTorch (needs no Triton)
+
+Importing this package does not import Triton: callers ask `triton_available()` first and
+import `quantcore.kernels.w4a16` / `.w8a8` only then. Triton reads TRITON_INTERPRET when a
+kernel is defined, so to run the kernels on CPU through its interpreter, set it before
+importing those modules.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1: kernels run on CPU tensors, in NumPy, one program at a time."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    """Triton is installed and has somewhere to run: a CUDA device, or its CPU interpreter."""
+    try:
+        import triton  # noqa: F401  (kernels are defined on import of their modules, not here)
+    except ImportError:
+        return False
+    if interpreting():
+        return True
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,125 @@
+"""Plain-PyTorch references of the Triton kernels: the definitions the kernels are tested against.
+
+W4A16 (weight-only int4, group-wise). The weight W (N out, K in) is stored exactly as
+`QuantizedLinear` stores it in an artifact, so a kernel reads the artifact's buffers as they are:
+
+    qweight  uint8, N·K/2 bytes: `quantcore.packing` int4 layout. Row-major codes, two per byte,
+             the even k in the low nibble, so byte [n, j] = u[n, 2j] | u[n, 2j+1] << 4.
+             Codes are unsigned: u = q - qmin (symmetric q in [-8, 7] is stored as q + 8).
+    scales   S, one per (n, group of G consecutive k), any float dtype, shape (N, K/G) or
+             (N, K/G, 1) (`QuantizedLinear.scale`); (N, 1) is per channel (G = K).
+    zeros    Z per (n, group), uint8, same shape as S; None for symmetric grids, where the
+             stored codes carry the offset Z = 8.
+
+    Ŵ[n, k] = (u[n, k] - Z[n, k // G]) · S[n, k // G]           y = x Ŵᵀ (+ bias)
+
+W8A8 (int8 weights per output channel, int8 activations per token, both symmetric):
+
+    x_q[m, :], s_x[m] = quantize_per_token(x[m, :])  with s_x = max|x[m, :]| / 127,
+                        x_q = clamp(round_half_even(x / s_x), -128, 127)
+    y[m, n] = (Σ_k x_q[m, k] · w_q[n, k]) · s_x[m] · s_w[n] (+ bias[n])
+
+The sum is exact in integers; it is computed here in float64, where every partial sum of
+int8 products is exact (|sum| < 2^53), so this reference does not share int arithmetic with
+the kernel it checks. `quantize_per_token` is the same map as the per-token dynamic
+activation fake-quant of `QuantizedLinear` (its dequantization x_q · s_x gives those numbers).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from quantcore.packing import unpack_codes
+
+INT4_SYMMETRIC_ZERO = 8  # -qmin of the signed int4 grid: symmetric codes are stored as q + 8
+INT8_QMIN, INT8_QMAX = -128, 127
+
+
+def int4_group_params(
+    scales: torch.Tensor, zeros: torch.Tensor | None, out_features: int, in_features: int
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """S and Z as contiguous (N, K/G) matrices and the group size G they imply.
+
+    Accepts the shapes `QuantizedLinear` stores ((N, K/G, 1), (N, 1), or (1, 1) per tensor,
+    which is expanded to one S per channel)."""
+    if scales.numel() == 1:
+        scales = scales.reshape(1, 1).expand(out_features, 1)
+        zeros = None if zeros is None else zeros.reshape(1, 1).expand(out_features, 1)
+    if scales.numel() % out_features:
+        raise ValueError(f"{scales.numel()} scales do not split into {out_features} output channels")
+    groups = scales.numel() // out_features
+    if in_features % groups:
+        raise ValueError(f"{groups} groups per channel do not divide the input dimension {in_features}")
+    s = scales.reshape(out_features, groups).contiguous()
+    z = None
+    if zeros is not None:
+        if zeros.numel() != s.numel():
+            raise ValueError(f"zeros has {zeros.numel()} entries, scales {s.numel()}: one Z per S")
+        z = zeros.reshape(out_features, groups).contiguous()
+    return s, z, in_features // groups
+
+
+def int4_out_features(qweight: torch.Tensor, in_features: int) -> int:
+    """N of a packed (N, K) int4 weight (`pack_codes` pads at most 7 codes, fewer than K ≥ 8)."""
+    return qweight.numel() * 2 // in_features
+
+
+def dequantize_int4(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, out_features: int, in_features: int
+) -> torch.Tensor:
+    """Ŵ (N, K) in float32 from the packed codes, S and Z."""
+    s, z, group_size = int4_group_params(scales, zeros, out_features, in_features)
+    codes = unpack_codes(qweight.reshape(-1), 4, (out_features, in_features // group_size, group_size)).float()
+    zero = z.float().unsqueeze(-1) if z is not None else INT4_SYMMETRIC_ZERO
+    return ((codes - zero) * s.float().unsqueeze(-1)).reshape(out_features, in_features)
+
+
+def w4a16_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x Ŵᵀ + bias: unpack, dequantize in float32, one matmul in x's dtype."""
+    w = dequantize_int4(qweight, scales, zeros, int4_out_features(qweight, x.shape[-1]), x.shape[-1])
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per token (last dim): codes shaped like x, float32 scales shaped x[..., 0].
+    An all-zero token gets S = 1 (its codes are 0 either way)."""
+    xf = x.float()
+    scale = torch.linalg.vector_norm(xf, float("inf"), dim=-1, keepdim=True) / INT8_QMAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (xf / scale).round().clamp(INT8_QMIN, INT8_QMAX).to(torch.int8)
+    return q, scale.squeeze(-1)
+
+
+def w8a8_reference(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(x_q w_qᵀ) · s_x ⊗ s_w (+ bias). x_q (..., K) int8, x_scale (...) per token or one value;
+    w_q (N, K) int8, w_scale (N,) / (N, 1) per channel or one value."""
+    n = w_q.shape[0]
+    acc = x_q.double() @ w_q.double().T  # exact: int8 products summed in float64
+    s_x = x_scale.float().reshape(*x_q.shape[:-1], 1) if x_scale.numel() > 1 else x_scale.float().reshape(1)
+    s_w = w_scale.float().reshape(-1).expand(n) if w_scale.numel() == 1 else w_scale.float().reshape(n)
+    y = acc.float() * s_x * s_w
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def w8a8_linear_reference(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Quantize x per token, then the int8 GEMM; output in x's dtype."""
+    x_q, x_scale = quantize_per_token_reference(x)
+    return w8a8_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype=x.dtype)
