@@ -38,10 +38,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-flat.numel()) % _CODES_PER_WORD
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    shifts = torch.arange(_CODES_PER_WORD, dtype=torch.int64) * bits
+    shifts = torch.arange(_CODES_PER_WORD, dtype=torch.int64, device=flat.device) * bits
     # Fields are disjoint, so the sum is their bitwise OR.
     words = (flat.view(-1, _CODES_PER_WORD) << shifts).sum(dim=1)
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=flat.device) * 8
     return ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
 
 
@@ -54,12 +54,12 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: torch.Size | tuple[int,
         # Widths that divide a byte (2, 4) never straddle bytes: shift uint8s directly,
         # several times faster than assembling words (this runs on every reference forward).
         per_byte = 8 // bits
-        shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+        shifts = torch.arange(per_byte, dtype=torch.uint8, device=packed.device) * bits
         codes = (packed.unsqueeze(1) >> shifts) & (2**bits - 1)
         return codes.reshape(-1)[:numel].reshape(shape)
     words_bytes = packed.to(torch.int64).view(-1, bits)
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
     words = (words_bytes << byte_shifts).sum(dim=1)
-    shifts = torch.arange(_CODES_PER_WORD, dtype=torch.int64) * bits
+    shifts = torch.arange(_CODES_PER_WORD, dtype=torch.int64, device=packed.device) * bits
     codes = (words.unsqueeze(1) >> shifts) & (2**bits - 1)
     return codes.reshape(-1)[:numel].to(torch.uint8).reshape(shape)

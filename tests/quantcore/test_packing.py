@@ -34,3 +34,12 @@ def test_int4_is_two_per_byte_low_nibble_first():
 def test_out_of_range_codes_rejected():
     with pytest.raises(ValueError):
         pack_codes(torch.tensor([16]), 4)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_unpack_stays_on_the_codes_device(bits):
+    """The shift tables follow the packed tensor: a GPU layer's reference path unpacks on the GPU
+    (here the meta device stands in for it; a CPU table would not broadcast against it)."""
+    packed = torch.empty(packed_numel(12 * 16, bits), dtype=torch.uint8, device="meta")
+    codes = unpack_codes(packed, bits, (12, 16))
+    assert codes.device.type == "meta" and codes.shape == (12, 16)
