@@ -47,8 +47,10 @@ class CalibrationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: Literal["pydoc-topics"] = "pydoc-topics"
-    num_samples: int = Field(128, ge=1, le=4096)
-    seq_len: int = Field(512, ge=16, le=8192)
+    num_samples: int = Field(
+        128, ge=1, le=4096, description="windows of seq_len tokens (an encoder: paragraphs holding as many tokens in all)"
+    )
+    seq_len: int = Field(512, ge=16, le=8192, description="tokens per window")
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="dtype of calibration forwards; auto: bfloat16 where this machine runs it faster"
     )

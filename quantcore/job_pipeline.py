@@ -25,7 +25,7 @@ import torch
 from quantcore import registry
 from quantcore.algorithms.base import LayerResult, StageContext
 from quantcore.cache import cache_dir
-from quantcore.eval.data import calibration_windows
+from quantcore.eval.data import calibration_samples
 from quantcore.eval import benchmark_paragraphs, embedding_cosine, evaluate_perplexity, sentence_embeddings
 from quantcore.export.artifact import WEIGHTS_FILE, quantized_layers, save_artifact, tensor_bytes, write_json, write_manifest
 from quantcore.job import JobRequest, environment
@@ -132,7 +132,7 @@ def _apply_recipe(model, tokenizer, request: JobRequest, progress, encoder: bool
         progress("quantize", 0, 1, f"{label}: starting")  # the stage is visible before its first layer
         if algorithm.requires_calibration and calibration is None:
             spec = request.calibration
-            calibration = calibration_windows(tokenizer, spec.num_samples, spec.seq_len, encoder=encoder)
+            calibration = calibration_samples(tokenizer, spec.num_samples, spec.seq_len, encoder=encoder)
         context = StageContext(
             progress=lambda c, t, m="": progress("quantize", c, t, f"{label}: {m}"),
             calibration=calibration if algorithm.requires_calibration else None,

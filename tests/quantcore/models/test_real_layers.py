@@ -10,7 +10,7 @@ import torch
 from quantcore import quantize
 from quantcore.algorithms.gptq import GPTQ
 from quantcore.algorithms.obq import OBQ
-from quantcore.eval.data import calibration_windows
+from quantcore.eval.data import calibration_samples
 from quantcore.observers import make_observer
 from quantcore.qparams import fake_quant, qparams_from_range
 from quantcore.schemes import QuantScheme
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def test_smoothing_alone_leaves_smollm2_unchanged(smollm2):
     model = copy.deepcopy(smollm2.second.model)
     model.model.layers = model.model.layers[:4]  # four real blocks keep the test quick
-    samples = calibration_windows(smollm2.second.tokenizer, 2, 64)
+    samples = calibration_samples(smollm2.second.tokenizer, 2, 64)
     with torch.no_grad():
         before = torch.cat([model(s).logits for s in samples])
     quantize(model, {"stages": [{"algorithm": "smoothquant", "options": {"alpha": 0.5}}]}, calibration=samples,
@@ -41,7 +41,7 @@ def test_obq_gptq_rtn_on_a_real_layer(smollm2, bits):
     inputs = []
     handle = block.self_attn.k_proj.register_forward_pre_hook(lambda m, args: inputs.append(args[0].reshape(-1, 576)))
     with torch.no_grad():
-        for sample in calibration_windows(smollm2.second.tokenizer, 4, 256):
+        for sample in calibration_samples(smollm2.second.tokenizer, 4, 256):
             model(sample)
     handle.remove()
     X = torch.cat(inputs)
