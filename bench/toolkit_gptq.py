@@ -1,4 +1,4 @@
-"""Toolkit GPTQ reference: llm-compressor's GPTQ on SmolLM2-135M, on this machine.
+"""Toolkit GPTQ (and AWQ) reference: llm-compressor's GPTQ on SmolLM2-135M, on this machine.
 
 What our own GPTQ (bench/llm_ptq.py, gptq-w4-g64 / gptq-w3-g64) is compared with: the same
 model (bundled:smollm2-135m, fp32), the same DESIGN.md split and calibration set (128 windows
@@ -9,6 +9,11 @@ weights, groups of 64, dampening 0.01, block size 128, no activation quantizatio
 default pipeline (it infers the sequential one for GPTQ) and, unless --actorder none, its
 default activation ordering "static" (act-order with groups fixed in the original column
 order, which is what our presets' act_order does).
+
+With `--algorithm awq`: llm-compressor's AWQ instead (bench/llm_ptq.py's awq-w4-g64): its
+`AWQModifier` (per-channel scale search on a grid of 20, duo scaling, the mappings it infers
+for llama) then round-to-nearest with the same weight scheme. In this version AWQ only
+scales; it searches no clipping range (our AWQ stage does, by default).
 
 Figures: perplexity of the model oneshot leaves in memory (checked to hold quantized
 weights: every quantized Linear's weight / weight_scale is an integer on the b-bit grid
@@ -59,7 +64,7 @@ from common import run_header, write_section  # noqa: E402
 SEED = 0
 MODEL = "bundled:smollm2-135m"
 GROUP_SIZE = 64
-SECTION = "Toolkit GPTQ reference on SmolLM2-135M, W{bits} g64"  # one section per bit width
+SECTION = "Toolkit {algorithm} reference on SmolLM2-135M, W{bits} g64"  # one section per algorithm and bit width
 
 
 def cpu_flags() -> str:
@@ -97,6 +102,31 @@ def gptq_modifier(bits: int, actorder: str):
     )
 
 
+def awq_modifiers(bits: int):
+    from llmcompressor.modifiers.awq import AWQModifier
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.cuda.is_available():
+        # AWQ pins its cached activations for faster host-to-GPU copies, which raises without
+        # an accelerator; pinning changes no value, so on a CPU-only machine it is skipped
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+
+    weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": GROUP_SIZE}
+    return AWQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"])
+
+
+def round_weights_to_grid(model: torch.nn.Module) -> None:
+    """RTN leaves float weights that the forward pass fake-quantizes; write the quantized values
+    into the weights, so that the grid check and the evaluation see what an export would hold."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    with torch.no_grad():
+        for module in model.modules():
+            scheme = getattr(module, "quantization_scheme", None)
+            if isinstance(module, torch.nn.Linear) and scheme is not None and hasattr(module, "weight_scale"):
+                module.weight.copy_(fake_quantize(module.weight, module.weight_scale, module.weight_zero_point, scheme.weights))
+
+
 def check_on_grid(model: torch.nn.Module, bits: int, before: dict[str, torch.Tensor]) -> str:
     """Every quantized Linear: weight / scale is an integer in [-2^(b-1), 2^(b-1) - 1] per group
     of 64 input columns (zero point 0), and the weights differ from the float ones."""
@@ -121,6 +151,7 @@ def check_on_grid(model: torch.nn.Module, bits: int, before: dict[str, torch.Ten
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--algorithm", choices=("gptq", "awq"), default="gptq")
     parser.add_argument("--bits", type=int, choices=(4, 3), default=4)
     parser.add_argument("--actorder", choices=("static", "none"), default="static",
                         help="llm-compressor's default 'static' = act-order, groups fixed (our presets' act_order)")
@@ -128,7 +159,7 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--layers", type=int, help="keep only the first K decoder layers (smoke test)")
     parser.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (DESIGN.md: 16384)")
-    parser.add_argument("--results", type=Path, help=f"also write the section '{SECTION.format(bits='<bits>')}' of this markdown file")
+    parser.add_argument("--results", type=Path, help=f"also write the section '{SECTION.format(algorithm='<ALGORITHM>', bits='<bits>')}' of this markdown file")
     args = parser.parse_args()
 
     random.seed(SEED)
@@ -164,7 +195,7 @@ def main() -> int:
     model = oneshot(
         model=model,
         tokenizer=tokenizer,
-        recipe=gptq_modifier(args.bits, args.actorder),
+        recipe=gptq_modifier(args.bits, args.actorder) if args.algorithm == "gptq" else awq_modifiers(args.bits),
         dataset=dataset,
         num_calibration_samples=len(windows),
         max_seq_length=args.seq_len,
@@ -172,12 +203,14 @@ def main() -> int:
     )
     oneshot_s = time.perf_counter() - start
     oneshot_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    if args.algorithm == "awq":
+        round_weights_to_grid(model)
     grid = check_on_grid(model, args.bits, before)
     print(f"oneshot: {oneshot_s:.1f} s, peak RSS so far {oneshot_rss / 1e9:.2f} GB; {grid}", flush=True)
 
     ppl = evaluate_perplexity(model, tokenizer, EvaluationSpec(perplexity_tokens=args.tokens))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    method = f"llmcompressor GPTQ (actorder {args.actorder})"
+    method = f"llmcompressor GPTQ (actorder {args.actorder})" if args.algorithm == "gptq" else "llmcompressor AWQ, then RTN"
     if args.layers:
         method += f", first {args.layers} layers only"
     table = "\n".join([
@@ -187,7 +220,7 @@ def main() -> int:
     ])
     print("\n" + table)
     if args.results:
-        write_section(args.results, SECTION.format(bits=args.bits), header + [f"check: {grid}"], table, " ".join(["python"] + sys.argv))
+        write_section(args.results, SECTION.format(algorithm=args.algorithm.upper(), bits=args.bits), header + [f"check: {grid}"], table, " ".join(["python"] + sys.argv))
     return 0
 
 
