@@ -29,6 +29,7 @@ diagonal block. Scaling by s turns H into diag(s)⁻¹ H diag(s)⁻¹ for the la
 from __future__ import annotations
 
 import fnmatch
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,7 +39,7 @@ from quantcore.algorithms.base import LayerResult, StageContext, replace_with_qu
 from quantcore.algorithms.gptq_stage import accumulate_hessians, calibrated_targets
 from quantcore.algorithms.smoothing import SmoothingPair, smoothing_pairs
 from quantcore.observers import fake_quant_weight, make_observer
-from quantcore.pipeline import CalibrationBlock, run_blockwise
+from quantcore.pipeline import CalibrationBlock, run_block, run_blockwise
 from quantcore.qparams import fake_quant, qparams_from_range
 from quantcore.recipe import Stage
 from quantcore.registry import Algorithm, register
@@ -58,6 +59,12 @@ class AWQOptions(BaseModel):
         description="layers whose range is not clipped (their outputs meet in QKᵀ, which per-group error does not see)",
     )
     quantize: bool = Field(True, description="quantize here (round-to-nearest); false leaves it to a later stage")
+    search_scope: Literal["layers", "module"] = Field(
+        "layers",
+        description="score alpha by the consumers' own output error, or (module) by the output of the module holding "
+        "them all (attention for q/k/v, the MLP for gate/up), as the reference implementation does",
+    )
+    search_samples: int = Field(8, ge=1, le=512, description="calibration samples the module scope runs per alpha")
 
 
 def check_stage(stage: Stage) -> None:
@@ -101,14 +108,99 @@ def search_scale(
     best = (torch.ones(pair.channels), 0.0, float("inf"))
     for step in range(grid):
         alpha = step / grid
-        s = inputs.absmean.clamp(min=1e-4).pow(alpha)
-        if w_mean is not None:
-            s = (s / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
+        s = _candidate(inputs.absmean, w_mean, alpha)
         error = sum(float(inputs.output_error(W - fake_quant_weight(W * s, scheme) / s)) for W in weights)
         if error < best[2]:
             best = (s, alpha, error)
     return best
+
+
+class _ModuleSamples:
+    """The inputs and float outputs of one module of a block on a few calibration samples, to
+    score candidate weights of the layers inside it by the module's output error."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.calls: list[tuple[tuple, dict[str, Any]]] = []
+        self.outputs: list[torch.Tensor] = []
+
+    def record(self, _module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        self.calls.append((args, kwargs))
+        self.outputs.append(_first(output).detach())
+
+    def error(self) -> float:
+        with torch.no_grad():
+            return sum(float((_first(self.module(*a, **kw)) - out).pow(2).sum()) for (a, kw), out in zip(self.calls, self.outputs))
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def capture_modules(block: CalibrationBlock, pairs: list[SmoothingPair], samples: int) -> dict[str, _ModuleSamples]:
+    """For each pair with several consumers, the innermost module of the block holding them
+    all (e.g. self_attn for q/k/v), run on the first `samples` calibration samples."""
+    captured: dict[str, _ModuleSamples] = {}
+    for pair in pairs:
+        if len(pair.consumers) < 2:
+            continue  # one consumer: its own output is the module's, scored exactly through H
+        common = _common_prefix([name[len(block.name) + 1 :] for name in pair.consumer_names])
+        if common and common not in captured:
+            captured[common] = _ModuleSamples(block.module.get_submodule(common))
+    handles = [c.module.register_forward_hook(c.record, with_kwargs=True) for c in captured.values()]
+    try:
+        with torch.no_grad():
+            for hidden, kwargs in list(zip(block.inputs.hidden, block.inputs.kwargs))[:samples]:
+                run_block(block.module, hidden.to(next(block.module.parameters()).dtype), kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {pair.producer_name: captured[c] for pair in pairs
+            if len(pair.consumers) > 1 and (c := _common_prefix([n[len(block.name) + 1 :] for n in pair.consumer_names])) in captured}
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [name.split(".") for name in names]
+    common = []
+    for pieces in zip(*parts):
+        if len(set(pieces)) > 1:
+            break
+        common.append(pieces[0])
+    return ".".join(common[: min(len(p) for p in parts) - 1])
+
+
+def search_scale_on_module(
+    pair: SmoothingPair, module: _ModuleSamples, absmean: torch.Tensor, scheme: QuantScheme, grid: int, duo_scaling: bool = True
+) -> tuple[torch.Tensor, float, float]:
+    """As `search_scale`, scoring each s by the holding module's output with every consumer's
+    weight replaced by Q(W diag(s)) diag(s)⁻¹ (the scaled, quantized layer seen from its
+    unscaled input) and the module's other layers left in float."""
+    originals = [c.weight.detach().clone() for c in pair.consumers]
+    weights = [W.float() for W in originals]
+    w_mean = normalised_weight_absmean(weights, scheme) if duo_scaling else None
+    best = (torch.ones(pair.channels), 0.0, float("inf"))
+    try:
+        for step in range(grid):
+            alpha = step / grid
+            s = _candidate(absmean, w_mean, alpha)
+            with torch.no_grad():
+                for consumer, W in zip(pair.consumers, weights):
+                    consumer.weight.copy_((fake_quant_weight(W * s, scheme) / s).to(consumer.weight.dtype))
+            error = module.error()
+            if error < best[2]:
+                best = (s, alpha, error)
+    finally:
+        with torch.no_grad():
+            for consumer, W in zip(pair.consumers, originals):
+                consumer.weight.copy_(W)
+    return best
+
+
+def _candidate(absmean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    s = absmean.clamp(min=1e-4).pow(alpha)
+    if w_mean is not None:
+        s = (s / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
 
 
 def search_clip(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, grid: int, min_ratio: float) -> torch.Tensor:
@@ -162,8 +254,15 @@ def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerRe
             inputs[name] = shared[id(solver)]
 
         alphas = {}
-        for pair in smoothing_pairs(block.name, block.module, set(layers)):
-            s, alpha, _ = search_scale(pair, inputs[pair.consumer_names[0]], stage.weights, options.grid, options.duo_scaling)
+        pairs = smoothing_pairs(block.name, block.module, set(layers))
+        modules = capture_modules(block, pairs, options.search_samples) if options.search_scope == "module" else {}
+        for pair in pairs:
+            if pair.producer_name in modules:
+                s, alpha, _ = search_scale_on_module(
+                    pair, modules[pair.producer_name], inputs[pair.consumer_names[0]].absmean, stage.weights, options.grid, options.duo_scaling
+                )
+            else:
+                s, alpha, _ = search_scale(pair, inputs[pair.consumer_names[0]], stage.weights, options.grid, options.duo_scaling)
             pair.apply(s)
             inputs[pair.consumer_names[0]].rescale(s)
             alphas.update({name: alpha for name in pair.consumer_names})

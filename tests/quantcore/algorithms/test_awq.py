@@ -39,10 +39,11 @@ def logits(model, data):
         return torch.cat([model(x).logits for x in data])
 
 
-def test_scaling_alone_leaves_the_float_model_unchanged():
+@pytest.mark.parametrize("scope", ["layers", "module"])
+def test_scaling_alone_leaves_the_float_model_unchanged(scope):
     model, data = tiny_llama(), samples()
     before = logits(model, data)
-    stage = {"algorithm": "awq", "weights": G16, "options": {"quantize": False, "clip": False}}
+    stage = {"algorithm": "awq", "weights": G16, "options": {"quantize": False, "clip": False, "search_scope": scope}}
     assert quantize(model, {"stages": [stage]}, calibration=data, compute_dtype="float32") == []
     after = logits(model, data)
     assert float((after - before).norm() / before.norm()) < 1e-5
@@ -91,6 +92,44 @@ def test_scale_search_matches_a_direct_search_on_the_real_outputs(duo_scaling):
     assert errors[alpha] < 0.8 * errors[0.0]  # α = 0 is plain RTN: scaling helps here
 
 
+def test_module_scope_picks_the_alpha_of_least_folded_mlp_output_error():
+    """The module search scores candidates without folding (weights replaced by Q(W s)/s); the
+    reference folds each candidate for real (norm divided by s, W multiplied by s, quantized)
+    and runs the whole decoder layer's MLP on the rescaled norm output."""
+    import copy
+
+    from quantcore.algorithms.awq import _ModuleSamples, search_scale_on_module
+    from quantcore.algorithms.smoothing import smoothing_pairs
+    from quantcore.observers import fake_quant_weight
+
+    model, data = tiny_llama(), samples()
+    layer = model.model.layers[0]
+    captured = _ModuleSamples(layer.mlp)
+    handle = layer.mlp.register_forward_hook(captured.record, with_kwargs=True)
+    norm_outputs = []
+    hook = layer.post_attention_layernorm.register_forward_hook(lambda m, a, out: norm_outputs.append(out.detach()))
+    logits(model, data)
+    handle.remove()
+    hook.remove()
+    pair = next(p for p in smoothing_pairs("model.layers.0", layer) if p.producer_name.endswith("post_attention_layernorm"))
+    X = torch.cat([x.reshape(-1, 64) for x in norm_outputs])
+    absmean = X.abs().mean(dim=0)
+    scheme = QuantScheme(**G16)
+    s, alpha, _ = search_scale_on_module(pair, captured, absmean, scheme, grid=8, duo_scaling=False)
+    errors = {}
+    for step in range(8):
+        a = step / 8
+        t = absmean.clamp(min=1e-4).pow(a)
+        t = t / (t.max() * t.min()).sqrt()
+        mlp = copy.deepcopy(layer.mlp)
+        with torch.no_grad():
+            for linear in (mlp.gate_proj, mlp.up_proj):
+                linear.weight.copy_(fake_quant_weight(linear.weight * t, scheme))
+            errors[a] = sum(float((mlp(x / t) - out).pow(2).sum()) for x, out in zip(norm_outputs, captured.outputs))
+    assert alpha == min(errors, key=errors.get), errors
+    torch.testing.assert_close(layer.mlp.gate_proj.weight, tiny_llama().model.layers[0].mlp.gate_proj.weight)  # restored
+
+
 def test_clip_search_matches_a_per_group_brute_force():
     X, W = layer_with_salient_inputs(rows=6, columns=16)
     scheme = QuantScheme(bits=3, granularity="group", group_size=8)
@@ -109,11 +148,13 @@ def test_clip_search_matches_a_per_group_brute_force():
             torch.testing.assert_close(clipped[r : r + 1, cols], expect)
 
 
-def test_awq_beats_round_to_nearest_on_the_model():
+@pytest.mark.parametrize("scope", ["layers", "module"])
+def test_awq_beats_round_to_nearest_on_the_model(scope):
     data = samples()
     reference = logits(tiny_llama(), data)
     errors = {}
-    for name, stage in {"rtn": {"algorithm": "rtn", "weights": G16}, "awq": {"algorithm": "awq", "weights": G16}}.items():
+    awq = {"algorithm": "awq", "weights": G16, "options": {"search_scope": scope}}
+    for name, stage in {"rtn": {"algorithm": "rtn", "weights": G16}, "awq": awq}.items():
         model = tiny_llama()
         results = quantize(model, {"stages": [stage]}, calibration=data, compute_dtype="float32")
         assert len(results) == 14
