@@ -8,6 +8,13 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Without a GPU the Triton kernels run through Triton's interpreter. It must be switched on
+# before anything imports triton.language (whose own jit functions, tl.zeros and the like,
+# are defined at that import): some test modules collected before tests/quantcore/kernels
+# import it through their dependencies, so it is set here, first, for the whole session.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture
 def one_thread():

@@ -1,7 +1,9 @@
 """Kernel tests run everywhere: compiled on a CUDA GPU, through Triton's interpreter on CPU.
 
-Triton reads TRITON_INTERPRET when a kernel is defined, so it is set here, before the test
-modules import quantcore.kernels.w4a16 / .w8a8. Shapes are SmolLM2's (K = 576 = 9 x 64,
+Triton reads TRITON_INTERPRET when triton.language and a kernel are defined, so the root
+tests/conftest.py sets it first, before any test module is collected (one collected earlier
+may import triton.language through its dependencies); setting it again here covers running
+this folder with another root. Shapes are SmolLM2's (K = 576 = 9 x 64,
 group 64; K = 384 for group 128, which does not divide 576) with a small N, so the
 interpreter (NumPy, one program at a time) runs the folder in seconds."""
 
