@@ -140,13 +140,17 @@ def _first(output: Any) -> torch.Tensor:
 def capture_modules(block: CalibrationBlock, pairs: list[SmoothingPair], samples: int) -> dict[str, _ModuleSamples]:
     """For each pair with several consumers, the innermost module of the block holding them
     all (e.g. self_attn for q/k/v), run on the first `samples` calibration samples."""
-    captured: dict[str, _ModuleSamples] = {}
+    captured: dict[str, _ModuleSamples] = {}  # by module name, relative to the block
+    holder: dict[str, str] = {}  # producer name -> the module holding its consumers
     for pair in pairs:
         if len(pair.consumers) < 2:
             continue  # one consumer: its own output is the module's, scored exactly through H
         common = _common_prefix([name[len(block.name) + 1 :] for name in pair.consumer_names])
-        if common and common not in captured:
+        if not common:
+            continue
+        if common not in captured:
             captured[common] = _ModuleSamples(block.module.get_submodule(common))
+        holder[pair.producer_name] = common
     handles = [c.module.register_forward_hook(c.record, with_kwargs=True) for c in captured.values()]
     try:
         with torch.no_grad():
@@ -155,8 +159,7 @@ def capture_modules(block: CalibrationBlock, pairs: list[SmoothingPair], samples
     finally:
         for handle in handles:
             handle.remove()
-    return {pair.producer_name: captured[c] for pair in pairs
-            if len(pair.consumers) > 1 and (c := _common_prefix([n[len(block.name) + 1 :] for n in pair.consumer_names])) in captured}
+    return {producer: captured[common] for producer, common in holder.items()}
 
 
 def _common_prefix(names: list[str]) -> str:
