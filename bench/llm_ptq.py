@@ -55,6 +55,7 @@ METHODS: dict[str, tuple[str, str, str | dict]] = {
     "gptq-w3-g64": (SMOLLM2, "W3 g64", "w3a16-gptq-g64"),
     "rtn-w8a8": (SMOLLM2, "W8A8 (token)", "w8a8-rtn"),
     "smoothquant-w8a8": (SMOLLM2, "W8A8 (token)", "w8a8-smoothquant"),
+    "smoothquant-gptq-w8a8": (SMOLLM2, "W8A8 (token)", "w8a8-smoothquant-gptq"),
     "smoothquant-w8a8-static": (SMOLLM2, "W8A8 (static tensor)", "w8a8-smoothquant-static"),
     "smoothquant-rtn-w4a4": (SMOLLM2, "W4A4 g64", {
         "name": "smoothquant-then-rtn-w4a4",
@@ -89,6 +90,7 @@ TARGETS = {
     "awq-w4-g64": "≤ RTN, within 3 % of GPTQ",
     "best-w4-g64": "aim ≤ 13.1",
     "smoothquant-w8a8": "≤ 1.01 × fp32",
+    "smoothquant-gptq-w8a8": "≤ 1.01 × fp32",
     "svdquant-w4a4-r32": "< smoothquant-rtn-w4a4",
     "minilm-smoothquant-w8a8": "cosine ≥ 0.99",
     "minilm-gptq-w4-g64": "cosine ≥ 0.99",
