@@ -44,7 +44,18 @@ def _minilm(preset: str) -> dict:
 METHODS: dict[str, tuple[str, str, str | dict]] = {
     "rtn-w4-g64": (SMOLLM2, "W4 g64", "w4a16-rtn-g64"),
     "gptq-w4-g64": (SMOLLM2, "W4 g64", "w4a16-gptq-g64"),
-    "awq-w4-g64": (SMOLLM2, "W4 g64", "w4a16-awq-g64"),
+    "awq-w4-g64": (SMOLLM2, "W4 g64 asym", "w4a16-awq-g64"),
+    "awq-w4-g64-sym": (SMOLLM2, "W4 g64", {"name": "awq-w4-g64-symmetric", "stages": [{"algorithm": "awq", "weights": G64}]}),
+    "rtn-w4-g64-asym": (SMOLLM2, "W4 g64 asym", "w4a16-rtn-g64-asym"),
+    "gptq-w4-g64-asym": (SMOLLM2, "W4 g64 asym", {
+        "name": "gptq-act-order-w4-g64-asym",
+        "stages": [{"algorithm": "gptq", "weights": {**G64, "symmetric": False}, "options": {"act_order": True}}],
+    }),
+    "best-w4-g64-asym": (SMOLLM2, "W4 g64 asym", {
+        "name": "awq-scales-then-gptq-w4-g64-asym",
+        "stages": [{"algorithm": "awq", "weights": {**G64, "symmetric": False}, "options": {"quantize": False, "clip": False}},
+                   {"algorithm": "gptq", "weights": {**G64, "symmetric": False}, "options": {"act_order": True}}],
+    }),
     "octav-rtn-w4-g64": (SMOLLM2, "W4 g64", "w4a16-octav-rtn-g64"),
     "best-w4-g64": (SMOLLM2, "W4 g64", "w4a16-best-g64"),
     "gptq-mse-w4-g64": (SMOLLM2, "W4 g64", {
@@ -88,6 +99,7 @@ TARGETS = {
     "gptq-w4-g64": "≤ 14.11 ppl, ≤ 0.5x toolkit s (229.5 s), ≤ 0.8x toolkit RSS (1.47 GB)",
     "gptq-w3-g64": "≤ 36.35 ppl, ≤ 0.5x toolkit s (215 s), ≤ 0.8x toolkit RSS (1.30 GB)",
     "awq-w4-g64": "≤ RTN, within 3 % of GPTQ",
+    "best-w4-g64-asym": "aim ≤ 13.1",
     "best-w4-g64": "aim ≤ 13.1",
     "smoothquant-w8a8": "≤ 1.01 × fp32",
     "smoothquant-gptq-w8a8": "≤ 1.01 × fp32",
