@@ -29,7 +29,7 @@ from quantcore.eval.data import calibration_samples
 from quantcore.eval import benchmark_paragraphs, embedding_cosine, evaluate_perplexity, sentence_embeddings
 from quantcore.export.artifact import WEIGHTS_FILE, quantized_layers, save_artifact, tensor_bytes, write_json, write_manifest
 from quantcore.job import JobRequest, environment
-from quantcore.memory import trim_heap
+from quantcore.memory import spill_float_weights, trim_heap
 from quantcore.targets import select_modules
 
 
@@ -79,7 +79,9 @@ def execute(request: JobRequest, output_dir: Path, progress, allow_local_paths: 
             )
             baseline = {"embedding_cosine": 1.0, "paragraphs": len(texts)}
 
-    layers: list[LayerResult] = clock.run("quantize", _apply_recipe, model, tokenizer, request, progress, kind == "encoder")
+    layers: list[LayerResult] = clock.run(
+        "quantize", _apply_recipe, model, tokenizer, request, progress, kind == "encoder", output_dir / "spill"
+    )
 
     quantized: dict[str, Any] = {}
     if evaluation.enabled:
@@ -123,7 +125,9 @@ def execute(request: JobRequest, output_dir: Path, progress, allow_local_paths: 
     return report
 
 
-def _apply_recipe(model, tokenizer, request: JobRequest, progress, encoder: bool = False) -> list[LayerResult]:
+def _apply_recipe(
+    model, tokenizer, request: JobRequest, progress, encoder: bool = False, spill_dir: Path | None = None
+) -> list[LayerResult]:
     results: list[LayerResult] = []
     calibration = None
     for index, stage in enumerate(request.recipe.stages):
@@ -147,6 +151,10 @@ def _apply_recipe(model, tokenizer, request: JobRequest, progress, encoder: bool
             )
         results.extend(algorithm.apply(model, stage, context))
         trim_heap()  # the stage's calibration activations are gone: give their memory back
+        if spill_dir is not None and index + 1 < len(request.recipe.stages):
+            # a transforming stage (smoothing, AWQ scales) rewrote float weights into anonymous
+            # memory: map them from disk so the next stage holds one block of them at a time
+            spill_float_weights(model, spill_dir / f"stage{index + 1}.pt")
     return results
 
 

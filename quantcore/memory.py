@@ -15,6 +15,7 @@ import ctypes.util
 import logging
 import mmap
 import sys
+from pathlib import Path
 
 import torch
 
@@ -65,3 +66,33 @@ def trim_heap() -> None:
     """Return freed heap memory to the OS (glibc keeps it otherwise)."""
     if _libc is not None and hasattr(_libc, "malloc_trim"):
         _libc.malloc_trim(0)
+
+
+def spill_float_weights(model: torch.nn.Module, path: Path, min_bytes: int = 1 << 20) -> int:
+    """Move the model's float parameters that live only in anonymous memory (a stage rewrote
+    them, e.g. smoothing scales folded into the weights) into a file at `path` and map them
+    back from it, so the next stage's block-by-block pass can release them page by page
+    (`release_file_pages`) as it replaces them, instead of starting with the whole rewritten
+    model resident. Values are bit-for-bit unchanged. The file is unlinked at once where the
+    OS allows it (the mapping keeps it alive). Returns the bytes spilled."""
+    if _libc is None:
+        return 0
+    chosen = {
+        name: p
+        for name, p in model.named_parameters()  # tied weights appear once
+        if p.device.type == "cpu" and p.is_floating_point() and p.numel() * p.element_size() >= min_bytes
+        and _file_mapping(p.data_ptr()) is None
+    }
+    if not chosen:
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({name: p.detach() for name, p in chosen.items()}, path)
+    mapped = torch.load(path, mmap=True, weights_only=True)
+    for name, p in chosen.items():
+        p.data = mapped[name]
+    try:
+        path.unlink()
+    except OSError:
+        log.debug("kept %s: it cannot be removed while mapped", path)
+    trim_heap()
+    return sum(p.numel() * p.element_size() for p in chosen.values())

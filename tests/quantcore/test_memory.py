@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantcore.memory import release_file_pages, trim_heap
+from quantcore.memory import release_file_pages, spill_float_weights, trim_heap
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and uses madvise (Linux)")
 
@@ -37,3 +37,34 @@ def test_anonymous_memory_is_left_alone():
     assert release_file_pages(tensor) == 0
     assert torch.equal(tensor, torch.arange(1 << 20, dtype=torch.float32))
     trim_heap()  # harmless at any time
+
+
+def test_rewritten_weights_are_spilled_to_a_file_and_released_page_by_page(tmp_path):
+    """After a transforming stage rewrites weights in place they live in anonymous memory;
+    spilled, they are the same values mapped from a file, so releasing their pages (as the
+    block-by-block pass does) drops resident memory and reads the same values back."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 1024))
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)  # as smoothing folds scales in: a fresh anonymous copy
+    tied = torch.nn.Linear(1024, 4096)
+    tied.weight = model[0].weight  # tied weights are spilled once and stay tied
+    model.add_module("tied", tied)
+    x = torch.randn(8, 1024)
+    expected = model(x).detach().clone()
+    expected_weight = model[0].weight.detach().clone()
+    assert release_file_pages(model[0].weight) == 0  # anonymous: nothing to release yet
+
+    spilled = spill_float_weights(model, tmp_path / "spill" / "stage1.pt")
+
+    assert spilled == sum(p.numel() * 4 for p in (model[0].weight, model[2].weight, model[0].bias, model[2].bias)
+                          if p.numel() * 4 >= 1 << 20)
+    assert not (tmp_path / "spill" / "stage1.pt").exists()  # unlinked, kept alive by the mapping
+    assert model.tied.weight is model[0].weight
+    assert torch.equal(model(x), expected)
+    assert float(model[0].weight.detach().sum()) != 0  # touch every page
+    before = resident_bytes()
+    assert release_file_pages(model[0].weight) >= (16 << 20) - 8192
+    assert before - resident_bytes() >= 12 << 20
+    assert torch.equal(model[0].weight, expected_weight)  # read back from the file
+    assert spill_float_weights(model, tmp_path / "again.pt") == 0  # already file-backed
