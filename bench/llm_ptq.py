@@ -57,7 +57,7 @@ METHODS: dict[str, tuple[str, str, str | dict]] = {
                    {"algorithm": "gptq", "weights": {**G64, "symmetric": False}, "options": {"act_order": True}}],
     }),
     "octav-rtn-w4-g64": (SMOLLM2, "W4 g64", "w4a16-octav-rtn-g64"),
-    "best-w4-g64": (SMOLLM2, "W4 g64", "w4a16-best-g64"),
+    "best-w4-g64": (SMOLLM2, "W4 g64 asym", "w4a16-best-g64"),
     "gptq-mse-w4-g64": (SMOLLM2, "W4 g64", {
         "name": "gptq-act-order-mse-w4-g64",
         "stages": [{"algorithm": "gptq", "weights": {**G64, "observer": "mse"}, "options": {"act_order": True}}],

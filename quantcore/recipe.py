@@ -167,13 +167,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "stages": [{"algorithm": "awq", "weights": _w(4, "group", 64, symmetric=False)}],
     },
     "w4a16-best-g64": {
-        # SmolLM2, DESIGN.md split: 13.12 (GPTQ act-order alone 13.47, RTN 16.96). AWQ's clipping
-        # before GPTQ made it worse (14.26): GPTQ then reproduces the clipped weights, not the
-        # model's, so only AWQ's scales are kept.
-        "description": "int4 group-64: AWQ's activation-aware scales folded into norms, then GPTQ with act-order",
+        # SmolLM2, DESIGN.md split: 12.49 (GPTQ act-order alone: 13.15 with zero points, 13.40
+        # symmetric; RTN 15.45 / 16.96). AWQ's clipping before GPTQ made it worse (14.26,
+        # symmetric): GPTQ then reproduces the clipped weights, not the model's, so only AWQ's
+        # scales are kept.
+        "description": "int4 group-64 with zero points: AWQ's activation-aware scales folded into norms, then GPTQ "
+        "with act-order",
         "stages": [
-            {"algorithm": "awq", "weights": _w(4, "group", 64), "options": {"quantize": False, "clip": False}},
-            {"algorithm": "gptq", "weights": _w(4, "group", 64), "options": {"act_order": True}},
+            {"algorithm": "awq", "weights": _w(4, "group", 64, symmetric=False), "options": {"quantize": False, "clip": False}},
+            {"algorithm": "gptq", "weights": _w(4, "group", 64, symmetric=False), "options": {"act_order": True}},
         ],
     },
     "w8a8-smoothquant": {

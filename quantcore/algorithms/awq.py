@@ -24,6 +24,11 @@ Output error without re-running the layers: for a layer with inputs X and a weig
 layers fed the same tensor) scores every candidate on all calibration tokens. The clip
 search, like the paper's, scores each group alone: e_g H_gg e_gᵀ with H_gg the group's
 diagonal block. Scaling by s turns H into diag(s)⁻¹ H diag(s)⁻¹ for the layers after it.
+
+Measured on SmolLM2-135M W4 g64 (bench/RESULTS.md): zero points matter more to AWQ than to
+RTN (asymmetric 13.18 vs symmetric 15.09; RTN 15.45 vs 16.96), which is why the preset
+quantizes asymmetrically as the reference implementation does; scoring α on the holding
+module's output (`search_scope: module`) did worse than the layers' own error (13.24, 15.31).
 """
 
 from __future__ import annotations
