@@ -34,7 +34,7 @@ module's output (`search_scope: module`) did worse than the layers' own error (1
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -110,14 +110,11 @@ def search_scale(
     """The s of least output error over the pair's consumers; returns (s, α, error)."""
     weights = [c.weight.detach().float() for c in pair.consumers]
     w_mean = normalised_weight_absmean(weights, scheme) if duo_scaling else None
-    best = (torch.ones(pair.channels), 0.0, float("inf"))
-    for step in range(grid):
-        alpha = step / grid
-        s = _candidate(inputs.absmean, w_mean, alpha)
-        error = sum(float(inputs.output_error(W - fake_quant_weight(W * s, scheme) / s)) for W in weights)
-        if error < best[2]:
-            best = (s, alpha, error)
-    return best
+
+    def error(s: torch.Tensor) -> float:
+        return sum(float(inputs.output_error(W - fake_quant_weight(W * s, scheme) / s)) for W in weights)
+
+    return _best_alpha(inputs.absmean, w_mean, grid, pair.channels, error)
 
 
 class _ModuleSamples:
@@ -186,21 +183,32 @@ def search_scale_on_module(
     originals = [c.weight.detach().clone() for c in pair.consumers]
     weights = [W.float() for W in originals]
     w_mean = normalised_weight_absmean(weights, scheme) if duo_scaling else None
-    best = (torch.ones(pair.channels), 0.0, float("inf"))
+
+    def error(s: torch.Tensor) -> float:
+        with torch.no_grad():
+            for consumer, W in zip(pair.consumers, weights):
+                consumer.weight.copy_((fake_quant_weight(W * s, scheme) / s).to(consumer.weight.dtype))
+        return module.error()
+
     try:
-        for step in range(grid):
-            alpha = step / grid
-            s = _candidate(absmean, w_mean, alpha)
-            with torch.no_grad():
-                for consumer, W in zip(pair.consumers, weights):
-                    consumer.weight.copy_((fake_quant_weight(W * s, scheme) / s).to(consumer.weight.dtype))
-            error = module.error()
-            if error < best[2]:
-                best = (s, alpha, error)
+        return _best_alpha(absmean, w_mean, grid, pair.channels, error)
     finally:
         with torch.no_grad():
             for consumer, W in zip(pair.consumers, originals):
                 consumer.weight.copy_(W)
+
+
+def _best_alpha(
+    absmean: torch.Tensor, w_mean: torch.Tensor | None, grid: int, channels: int, error: Callable[[torch.Tensor], float]
+) -> tuple[torch.Tensor, float, float]:
+    """The candidate s of least `error(s)` over α = 0, 1/grid, ...: (s, α, error)."""
+    best = (torch.ones(channels), 0.0, float("inf"))
+    for step in range(grid):
+        alpha = step / grid
+        s = _candidate(absmean, w_mean, alpha)
+        e = error(s)
+        if e < best[2]:
+            best = (s, alpha, e)
     return best
 
 
