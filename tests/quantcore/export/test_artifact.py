@@ -5,25 +5,15 @@ import tarfile
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantcore import quantize
 from quantcore.export import ArtifactError, archive_artifact, load_quantized, save_artifact, write_manifest
 from quantcore.export.artifact import file_sha256, tensor_bytes
 
 
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.mark.parametrize("preset", ["w4a16-rtn-g64-asym", "w3a16-rtn-g64", "w8a8-rtn", "fp8-rtn"])
-def test_round_trip_reproduces_logits(tmp_path, preset):
-    model = tiny_llama()
+def test_round_trip_reproduces_logits(tmp_path, preset, tiny_llama):
+    model = tiny_llama
     quantize(model, preset)
     ids = torch.randint(0, 128, (1, 16))
     with torch.no_grad():
@@ -39,8 +29,8 @@ def test_round_trip_reproduces_logits(tmp_path, preset):
     assert loaded.model.lm_head.weight.data_ptr() == loaded.model.model.embed_tokens.weight.data_ptr()
 
 
-def test_packed_sizes_and_manifest(tmp_path):
-    model = tiny_llama()
+def test_packed_sizes_and_manifest(tmp_path, tiny_llama):
+    model = tiny_llama
     quantize(model, "w4a16-rtn-g64")
     folder = tmp_path / "artifact"
     save_artifact(model, None, folder, "causal_lm", {})
@@ -57,8 +47,8 @@ def test_packed_sizes_and_manifest(tmp_path):
         assert "artifact/manifest.json" in tar.getnames()
 
 
-def test_corruption_detected(tmp_path):
-    model = tiny_llama()
+def test_corruption_detected(tmp_path, tiny_llama):
+    model = tiny_llama
     quantize(model, "w8a16-rtn")
     folder = tmp_path / "artifact"
     save_artifact(model, None, folder, "causal_lm", {})
