@@ -23,6 +23,7 @@ class ArtifactInfo(BaseModel):
     url: str
     sha256: str
     bytes: int
+    format: str | None = Field(None, description="qforge, compressed-tensors, ...")
 
 
 class JobOut(BaseModel):
@@ -35,7 +36,8 @@ class JobOut(BaseModel):
     error: str | None = Field(None, description="why the job failed, for a person to read")
     cancel_requested: bool
     attempts: int
-    artifact: ArtifactInfo | None = None
+    artifact: ArtifactInfo | None = Field(None, description="the main artifact: the first export format")
+    artifacts: list[ArtifactInfo] = Field(default_factory=list, description="one per export format, the main one first")
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
@@ -44,11 +46,18 @@ class JobOut(BaseModel):
 
     @classmethod
     def from_row(cls, job: Job) -> JobOut:
-        artifact = None
+        artifact, artifacts = None, []
         if job.artifact_path and job.artifact_sha256 and job.artifact_bytes is not None:
+            exported = [a for a in (job.report or {}).get("artifacts", []) if "file" in a]
+            main_format = exported[0]["format"] if exported else None
             artifact = ArtifactInfo(
-                url=f"/v1/jobs/{job.id}/artifact", sha256=job.artifact_sha256, bytes=job.artifact_bytes
+                url=f"/v1/jobs/{job.id}/artifact", sha256=job.artifact_sha256, bytes=job.artifact_bytes, format=main_format
             )
+            artifacts = [
+                ArtifactInfo(url=f"/v1/jobs/{job.id}/artifact?format={a['format']}", sha256=a["sha256"], bytes=a["bytes"],
+                             format=a["format"])
+                for a in exported
+            ] or [artifact]
         return cls(
             id=job.id,
             status=job.status,
@@ -66,6 +75,7 @@ class JobOut(BaseModel):
             cancel_requested=job.cancel_requested,
             attempts=job.attempts,
             artifact=artifact,
+            artifacts=artifacts,
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,

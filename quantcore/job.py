@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from quantcore.recipe import Recipe
 
@@ -56,6 +56,9 @@ class CalibrationSpec(BaseModel):
     )
 
 
+ExportFormat = Literal["qforge", "compressed-tensors"]
+
+
 class JobRequest(BaseModel):
     """What a user submits: the model, the recipe, and how to calibrate and evaluate."""
 
@@ -65,13 +68,36 @@ class JobRequest(BaseModel):
     recipe: Recipe
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
-    export: list[Literal["qforge"]] = Field(default_factory=lambda: ["qforge"])
+    export: list[ExportFormat] = Field(
+        default_factory=lambda: ["qforge"],
+        min_length=1,
+        description="artifact formats to write, each a separate download; the first is the job's main artifact. "
+        "qforge: reloads with quantcore.export.load_quantized; compressed-tensors: loads in vLLM and transformers",
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
     @field_validator("recipe", mode="before")
     @classmethod
     def _recipe_from_preset_or_text(cls, v: Any) -> Any:
         return Recipe.parse(v) if isinstance(v, str) else v
+
+    @field_validator("export")
+    @classmethod
+    def _distinct_formats(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("each export format may be listed once")
+        return v
+
+    @model_validator(mode="after")
+    def _formats_can_hold_the_recipe(self) -> "JobRequest":
+        # Refused at submission rather than after an hour of calibration.
+        if "compressed-tensors" in self.export:
+            for stage in self.recipe.stages:
+                if stage.algorithm == "svdquant":
+                    raise ValueError(
+                        "export: compressed-tensors has no low-rank branch for svdquant's 16-bit L1·L2; use the qforge format"
+                    )
+        return self
 
 
 def _noop_progress(stage: str, current: int, total: int, message: str = "") -> None:

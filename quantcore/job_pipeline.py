@@ -27,7 +27,7 @@ from quantcore.algorithms.base import LayerResult, StageContext
 from quantcore.cache import cache_dir
 from quantcore.eval.data import calibration_samples
 from quantcore.eval import benchmark_paragraphs, embedding_cosine, evaluate_perplexity, sentence_embeddings
-from quantcore.export.artifact import WEIGHTS_FILE, quantized_layers, save_artifact, tensor_bytes, write_json, write_manifest
+from quantcore.export.artifact import quantized_layers, save_artifact, tensor_bytes, write_json, write_manifest
 from quantcore.job import JobRequest, environment
 from quantcore.memory import spill_float_weights, trim_heap
 from quantcore.targets import select_modules
@@ -97,10 +97,8 @@ def execute(request: JobRequest, output_dir: Path, progress, allow_local_paths: 
             )
             quantized = {"embedding_cosine": embedding_cosine(reference_embeddings, embeddings), "paragraphs": len(texts)}
 
-    progress("export", 0, 2, "writing artifact")
-    folder = output_dir / "artifact"
-    if folder.exists():
-        shutil.rmtree(folder)  # a retried job starts its export afresh
+    formats = request.export
+    progress("export", 0, len(formats), "writing " + ", ".join(formats))
     report = {
         "format": "qforge-report/1",
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -114,15 +112,35 @@ def execute(request: JobRequest, output_dir: Path, progress, allow_local_paths: 
         "layers": [layer.as_dict() for layer in layers],
         "timings": clock.timings,
         "versions": environment(),
+        "artifacts": [],
     }
     start = time.perf_counter()
-    save_artifact(model, tokenizer, folder, kind, {"recipe.json": report["request"]})
-    report["sizes"] = _sizes(folder, model, float_bytes)
+    folders = []
+    for index, fmt in enumerate(formats):
+        folder = output_dir / artifact_folder(fmt)
+        if folder.exists():
+            shutil.rmtree(folder)  # a retried job starts its export afresh
+        if fmt == "qforge":
+            save_artifact(model, tokenizer, folder, kind, {"recipe.json": report["request"]})
+        else:
+            from quantcore.export.compressed_tensors import export_compressed_tensors
+
+            export_compressed_tensors(model, tokenizer, folder)
+            write_json(folder / "recipe.json", report["request"])
+        report["artifacts"].append({"format": fmt, "folder": folder.name, "sizes": _sizes(folder, model, float_bytes)})
+        folders.append(folder)
+        progress("export", index + 1, len(formats), f"{fmt} written")
+    report["sizes"] = report["artifacts"][0]["sizes"]  # the main artifact's
     report["timings"]["export_s"] = round(time.perf_counter() - start, 3)
-    write_json(folder / "report.json", report)
-    write_manifest(folder)
-    progress("export", 2, 2, "artifact written")
+    for folder in folders:  # every artifact carries the whole report, then its manifest
+        write_json(folder / "report.json", report)
+        write_manifest(folder)
     return report
+
+
+def artifact_folder(fmt: str) -> str:
+    """The folder, inside a job's output_dir, that holds its artifact in format `fmt`."""
+    return "artifact" if fmt == "qforge" else f"artifact-{fmt}"
 
 
 def _apply_recipe(
@@ -199,7 +217,7 @@ def _delta(baseline: dict, quantized: dict) -> dict:
 
 def _sizes(folder: Path, model, float_bytes: dict[str, int]) -> dict:
     """Parameter bytes as stored in the artifact, linear layers apart from the rest."""
-    stored = tensor_bytes(folder / WEIGHTS_FILE)
+    stored = {k: b for weights in sorted(folder.glob("*.safetensors")) for k, b in tensor_bytes(weights).items()}
     layers = quantized_layers(model)
     prefixes = tuple(f"{name}." for name in layers)
     linear_stored = sum(b for k, b in stored.items() if k.startswith(prefixes))

@@ -30,13 +30,26 @@ def run_quantization_job(self, job_id: str) -> None:
         execute(job_id, claim.attempt, claim.request or {}, settings)
 
 
+def artifact_file(job_id: str, fmt: str, main: bool) -> str:
+    """The artifact store's file name of a job's artifact: `<id>.tar` for its main (first)
+    format, `<id>.<format>.tar` for each further one."""
+    return f"{job_id}.tar" if main else f"{job_id}.{fmt}.tar"
+
+
+def _archives(settings: Settings, job_id: str) -> list[Path]:
+    """Every archive of the job that may exist (the export formats a request can name)."""
+    from quantcore.job import ExportFormat
+
+    names = {artifact_file(job_id, fmt, main) for fmt in ExportFormat.__args__ for main in (True, False)}
+    return [settings.artifact_dir / name for name in sorted(names)]
+
+
 def execute(job_id: str, attempt: int, request_data: dict, settings: Settings) -> None:
-    work = settings.work_dir / job_id  # run_job's output_dir; the artifact folder goes inside
-    archive = settings.artifact_dir / f"{job_id}.tar"
+    work = settings.work_dir / job_id  # run_job's output_dir; the artifact folders go inside
     _remove(work)  # what an earlier, lost attempt left behind
     log.info("job %s: attempt %d starting", job_id, attempt)
     try:
-        _run_and_record(job_id, attempt, request_data, settings, work, archive)
+        _run_and_record(job_id, attempt, request_data, settings, work)
     except state.LostClaim:
         # Another run took the job over (this one missed its heartbeats): that run owns the
         # outcome and these files now, so leave both alone.
@@ -45,9 +58,7 @@ def execute(job_id: str, attempt: int, request_data: dict, settings: Settings) -
     _remove(work)
 
 
-def _run_and_record(
-    job_id: str, attempt: int, request_data: dict, settings: Settings, work: Path, archive: Path
-) -> None:
+def _run_and_record(job_id: str, attempt: int, request_data: dict, settings: Settings, work: Path) -> None:
     import quantcore.job
     from quantcore.classic_job import JOB_SPEC, ClassicJobRequest, run_classic_job
     from quantcore.export import archive_artifact
@@ -64,17 +75,24 @@ def _run_and_record(
                 report = run_classic_job(request, work, progress, allow_local_paths=local, locate=locate)
             else:
                 report = quantcore.job.run_job(request, work, progress, allow_local_paths=local)
-            archived = archive_artifact(work / "artifact", archive)
-        state.succeed(job_id, attempt, report, archive.name, archived["sha256"], archived["bytes"])
-        log.info("job %s: succeeded; artifact %s, %d bytes", job_id, archive, archived["bytes"])
+            # one archive per exported format; the report says which file, sha256 and size each is
+            artifacts = report.setdefault("artifacts", [{"format": "qforge", "folder": "artifact"}])
+            for index, artifact in enumerate(artifacts):
+                archive = settings.artifact_dir / artifact_file(job_id, artifact["format"], main=index == 0)
+                artifact.update(file=archive.name, **archive_artifact(work / artifact["folder"], archive))
+        main = artifacts[0]
+        state.succeed(job_id, attempt, report, main["file"], main["sha256"], main["bytes"])
+        log.info("job %s: succeeded; artifacts %s", job_id, ", ".join(f"{a['file']} ({a['bytes']} bytes)" for a in artifacts))
     except state.LostClaim:
         raise
     except JobCancelled:
-        _remove(archive)
+        for archive in _archives(settings, job_id):
+            _remove(archive)
         state.cancel(job_id, attempt)
         log.info("job %s: cancelled", job_id)
     except Exception as exc:
-        _remove(archive)
+        for archive in _archives(settings, job_id):
+            _remove(archive)
         state.fail(job_id, attempt, failure_reason(exc))
         log.warning("job %s: failed: %s", job_id, failure_reason(exc), exc_info=True)
 

@@ -47,6 +47,35 @@ def test_job_writes_report_and_reloadable_artifact(tiny_llm, tmp_path):
     assert ppl == pytest.approx(metrics["quantized"]["perplexity"], rel=1e-6)
 
 
+def test_job_exports_compressed_tensors_that_transformers_reloads(tiny_llm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    pytest.importorskip("compressed_tensors")
+    request = JobRequest(model=str(tiny_llm), recipe="w4a16-gptq-g64", export=["compressed-tensors", "qforge"],
+                         evaluation={"perplexity_tokens": 1024}, calibration={"num_samples": 4, "seq_len": 64})
+    report = run_job(request, tmp_path)
+
+    assert [(a["format"], a["folder"]) for a in report["artifacts"]] == [
+        ("compressed-tensors", "artifact-compressed-tensors"), ("qforge", "artifact")]
+    folder = tmp_path / "artifact-compressed-tensors"
+    assert (folder / "manifest.json").is_file() and (folder / "report.json").is_file()
+    # the main artifact's sizes: int4 codes packed in int32 plus one fp32 scale per 64 weights
+    assert 0.25 < report["sizes"]["linear"]["ratio_to_float16"] <= 0.30
+    reloaded = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    ppl = evaluate_perplexity(reloaded, tokenizer, EvaluationSpec(perplexity_tokens=1024))
+    assert ppl == pytest.approx(report["metrics"]["quantized"]["perplexity"], rel=1e-5)
+
+
+def test_export_formats_are_checked_at_submission():
+    with pytest.raises(ValueError, match="low-rank"):
+        JobRequest(model="bundled:smollm2-135m", recipe="w4a4-svdquant-r32", export=["compressed-tensors"])
+    with pytest.raises(ValueError, match="once"):
+        JobRequest(model="bundled:smollm2-135m", recipe="w8a16-rtn", export=["qforge", "qforge"])
+    with pytest.raises(ValueError):
+        JobRequest(model="bundled:smollm2-135m", recipe="w8a16-rtn", export=["onnx"])
+
+
 def test_cancellation_stops_between_layers(tiny_llm, tmp_path):
     def progress(stage, current, total, message=""):
         if stage == "quantize" and current == 3:

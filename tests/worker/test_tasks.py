@@ -10,8 +10,9 @@ from quantcore.job import STAGES
 from worker import tasks
 
 
-def fake_run_job(fail: Exception | None = None):
-    """Walks through every stage like quantcore, writes a small artifact folder."""
+def fake_run_job(fail: Exception | None = None, formats: tuple[str, ...] = ()):
+    """Walks through every stage like quantcore, writes a small artifact folder (one per
+    export format when `formats` are given, listed in the report as run_job does)."""
 
     def run_job(request, output_dir, progress, allow_local_paths=True):
         assert allow_local_paths is False  # the service never lets a request name worker files
@@ -21,10 +22,13 @@ def fake_run_job(fail: Exception | None = None):
                 progress(stage, i + 1, 3, f"{stage} {i + 1}/3")
             if fail is not None and stage == "quantize":
                 raise fail
-        folder = output_dir / "artifact"
-        folder.mkdir()
         report = {"metrics": {"quantized": {"perplexity": 12.5}}, "model": request.model}
-        (folder / "report.json").write_text(json.dumps(report))
+        if formats:
+            report["artifacts"] = [{"format": fmt, "folder": f"artifact-{fmt}"} for fmt in formats]
+        for artifact in report.get("artifacts", [{"folder": "artifact"}]):
+            folder = output_dir / artifact["folder"]
+            folder.mkdir()
+            (folder / "report.json").write_text(json.dumps(report))
         return report
 
     return run_job
@@ -54,6 +58,21 @@ def test_a_job_runs_to_an_archived_artifact(run, load_job, settings):
         assert "artifact/report.json" in tar.getnames()
     assert job.progress_percent == 100.0 and job.finished_at >= job.started_at
     assert not (settings.work_dir / job.id).exists()
+
+
+def test_each_export_format_is_archived_with_its_own_checksum(run, load_job, settings):
+    job = load_job(run(fake_run_job(formats=("compressed-tensors", "qforge"))))
+    assert job.status == JobStatus.SUCCEEDED
+    artifacts = job.report["artifacts"]
+    assert [a["file"] for a in artifacts] == [f"{job.id}.tar", f"{job.id}.qforge.tar"]
+    for artifact in artifacts:
+        archive = settings.artifact_dir / artifact["file"]
+        assert artifact["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+        assert artifact["bytes"] == archive.stat().st_size
+        with tarfile.open(archive) as tar:
+            assert f"{artifact['folder']}/report.json" in tar.getnames()
+    # the job's main artifact is the first format asked for
+    assert (job.artifact_path, job.artifact_sha256) == (artifacts[0]["file"], artifacts[0]["sha256"])
 
 
 def test_a_failing_job_records_a_readable_reason_and_leaves_no_files(run, load_job, settings):

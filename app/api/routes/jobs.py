@@ -64,10 +64,22 @@ def get_report(job: JobDep) -> dict[str, Any]:
 
 
 @router.get("/{job_id}/artifact", response_class=FileResponse)
-def download_artifact(job: JobDep, settings: SettingsDep) -> FileResponse:
+def download_artifact(
+    job: JobDep,
+    settings: SettingsDep,
+    format: Annotated[str | None, Query(description="an exported format (the report's `artifacts`); default: the job's main one")] = None,
+) -> FileResponse:
     jobs.require_status(job, JobStatus.SUCCEEDED, "artifact")
     assert job.artifact_path and job.artifact_sha256  # set together with status succeeded
-    path = settings.artifact_dir / job.artifact_path
+    name, sha256, fmt = job.artifact_path, job.artifact_sha256, None
+    if format is not None:
+        exported = {a["format"]: a for a in (job.report or {}).get("artifacts", []) if "file" in a}
+        if format not in exported:
+            choices = ", ".join(exported) or "none"
+            detail = f"job {job.id} has no '{format}' artifact; its formats: {choices}"
+            raise Problem(404, "artifact-format-not-exported", "No artifact in that format", detail)
+        name, sha256, fmt = exported[format]["file"], exported[format]["sha256"], format
+    path = settings.artifact_dir / name
     if not path.is_file():
         detail = f"the artifact of job {job.id} is no longer in the artifact store"
         raise Problem(410, "artifact-gone", "Artifact gone", detail)
@@ -75,8 +87,8 @@ def download_artifact(job: JobDep, settings: SettingsDep) -> FileResponse:
     return FileResponse(
         path,
         media_type="application/x-tar",
-        filename=f"qforge-{job.id}.tar",
-        headers={"X-Checksum-SHA256": job.artifact_sha256},
+        filename=f"qforge-{job.id}.tar" if fmt is None else f"qforge-{job.id}-{fmt}.tar",
+        headers={"X-Checksum-SHA256": sha256},
     )
 
 

@@ -154,7 +154,7 @@ def test_finished_job_serves_report_and_artifact_with_checksum_and_ranges(submit
     )
     assert client.get(f"/v1/jobs/{job_id}/report").json() == report
     job = client.get(f"/v1/jobs/{job_id}").json()
-    assert job["artifact"] == {"url": f"/v1/jobs/{job_id}/artifact", "sha256": sha, "bytes": len(payload)}
+    assert job["artifact"] == {"url": f"/v1/jobs/{job_id}/artifact", "sha256": sha, "bytes": len(payload), "format": None}
 
     whole = client.get(f"/v1/jobs/{job_id}/artifact")
     assert whole.status_code == 200 and whole.content == payload
@@ -171,6 +171,36 @@ def test_finished_job_serves_report_and_artifact_with_checksum_and_ranges(submit
 
     (settings.artifact_dir / f"{job_id}.tar").unlink()
     assert client.get(f"/v1/jobs/{job_id}/artifact").json()["type"] == PROBLEM + "artifact-gone"
+
+
+def test_each_export_format_downloads_as_its_own_artifact(submit, client, set_job, settings):
+    job_id = submit().json()["id"]
+    settings.artifact_dir.mkdir(parents=True, exist_ok=True)
+    files = {"qforge": (f"{job_id}.tar", b"q" * 3000), "compressed-tensors": (f"{job_id}.compressed-tensors.tar", b"c" * 5000)}
+    artifacts = []
+    for fmt, (name, payload) in files.items():
+        (settings.artifact_dir / name).write_bytes(payload)
+        artifacts.append({"format": fmt, "folder": "x", "file": name, "sha256": hashlib.sha256(payload).hexdigest(),
+                          "bytes": len(payload)})
+    main = artifacts[0]
+    set_job(job_id, status=JobStatus.SUCCEEDED, finished_at=utcnow(), report={"artifacts": artifacts},
+            artifact_path=main["file"], artifact_sha256=main["sha256"], artifact_bytes=main["bytes"])
+
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["artifact"]["format"] == "qforge"
+    assert [(a["format"], a["bytes"]) for a in job["artifacts"]] == [("qforge", 3000), ("compressed-tensors", 5000)]
+    ct = client.get(job["artifacts"][1]["url"])
+    assert ct.status_code == 200 and ct.content == b"c" * 5000
+    assert ct.headers["x-checksum-sha256"] == artifacts[1]["sha256"]
+    assert f'filename="qforge-{job_id}-compressed-tensors.tar"' in ct.headers["content-disposition"]
+    part = client.get(job["artifacts"][1]["url"], headers={"Range": "bytes=10-19"})
+    assert part.status_code == 206 and part.content == b"c" * 10
+    assert client.get(f"/v1/jobs/{job_id}/artifact?format=qforge").content == b"q" * 3000
+
+    missing = client.get(f"/v1/jobs/{job_id}/artifact?format=gguf")
+    assert missing.status_code == 404
+    assert missing.json()["type"] == PROBLEM + "artifact-format-not-exported"
+    assert "qforge, compressed-tensors" in missing.json()["detail"]
 
 
 def test_events_of_a_finished_job_end_with_its_status(submit, client, set_job):
