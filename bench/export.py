@@ -1,0 +1,142 @@
+"""Artifacts users deploy: per format, bytes on disk, load time and perplexity after reload.
+
+For each preset a real qforge job (`quantcore.job.run_job`) quantizes SmolLM2-135M and writes
+every requested format; then each artifact is reloaded in a fresh Python process by the
+reader its users have, and the perplexity measured again on the DESIGN.md split:
+
+    qforge               quantcore.export.load_quantized
+    compressed-tensors   transformers' AutoModelForCausalLM.from_pretrained (decompressed by
+                         the compressed-tensors library on the first forward, counted in load)
+
+Columns: the job's own perplexity, the reloaded one and their relative difference; the
+artifact folder's bytes and its quantized linear layers' bytes against fp16; load seconds
+(reading the files up to a model that has run one token); peak RSS of the reload process.
+
+    python bench/export.py [--presets w4a16-gptq-g64,w8a8-smoothquant] [--tokens 16384] [--results bench/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SEED = 0
+SMOLLM2 = "bundled:smollm2-135m"
+FORMATS = ["qforge", "compressed-tensors"]
+# the export issue's targets, per format
+TARGETS = {
+    "compressed-tensors": "reload ppl within 0.5 % of the job's; linear bytes ≤ 0.30 × fp16 at W4 g64",
+}
+
+
+def quantize(preset: str, tokens: int, out: Path) -> dict:
+    """Run the job in this process, keep its artifact folders under `out`."""
+    from quantcore.job import EvaluationSpec, JobRequest, run_job
+
+    request = JobRequest(model=SMOLLM2, recipe=preset, export=FORMATS, evaluation=EvaluationSpec(perplexity_tokens=tokens), seed=SEED)
+    report = run_job(request, out)
+    return {"report_perplexity": report["metrics"]["quantized"]["perplexity"],
+            "baseline_perplexity": report["metrics"]["baseline"]["perplexity"],
+            "quantize_s": report["timings"]["quantize_s"],
+            "artifacts": report["artifacts"]}
+
+
+def reload(fmt: str, folder: Path, tokens: int) -> dict:
+    """Load one artifact as its users would, run one token, then measure perplexity."""
+    import torch
+
+    from quantcore.eval import evaluate_perplexity
+    from quantcore.job import EvaluationSpec
+
+    start = time.perf_counter()
+    if fmt == "qforge":
+        from quantcore.export import load_quantized
+
+        loaded = load_quantized(folder)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    with torch.no_grad():
+        model(torch.tensor([[tokenizer.bos_token_id or 0]]))
+    load_s = time.perf_counter() - start
+    ppl = evaluate_perplexity(model, tokenizer, EvaluationSpec(perplexity_tokens=tokens))
+    return {"load_s": load_s, "perplexity": ppl, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _child(args: list[str], out: Path) -> dict:
+    subprocess.run([sys.executable, __file__, *args, "--out", str(out)], check=True)
+    return json.loads(out.read_text())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="w4a16-gptq-g64,w8a8-smoothquant")
+    parser.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (DESIGN.md: 16384)")
+    parser.add_argument("--results", type=Path, help="also write the table into this markdown file")
+    parser.add_argument("--section", default="Export: artifacts reloaded by their readers")
+    parser.add_argument("--quantize", help=argparse.SUPPRESS)
+    parser.add_argument("--reload", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quantize:
+        args.out.write_text(json.dumps(quantize(args.quantize, args.tokens, args.out.parent / "job")))
+        return 0
+    if args.reload:
+        args.out.write_text(json.dumps(reload(args.reload[0], Path(args.reload[1]), args.tokens)))
+        return 0
+
+    from common import run_header, write_section
+
+    header = run_header(SEED, model=SMOLLM2, calibration="128 x 512 tokens", evaluation_tokens=args.tokens)
+    print("\n".join(header), flush=True)
+    rows = []
+    for preset in args.presets.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            job = _child(["--quantize", preset, "--tokens", str(args.tokens)], Path(tmp) / "job.json")
+            for artifact in job["artifacts"]:
+                folder = Path(tmp) / "job" / artifact["folder"]
+                measured = _child(["--reload", artifact["format"], str(folder), "--tokens", str(args.tokens)],
+                                  Path(tmp) / f"reload-{artifact['format']}.json")
+                row = {"preset": preset, "format": artifact["format"], "job": job, **measured,
+                       "bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
+                       "linear_ratio": artifact["sizes"]["linear"]["ratio_to_float16"]}
+                rows.append(row)
+                print(f"{preset} {artifact['format']}: job ppl {job['report_perplexity']:.3f}, reloaded {row['perplexity']:.3f}, "
+                      f"load {row['load_s']:.1f} s, {row['bytes'] / 1e6:.1f} MB", flush=True)
+                if args.results:  # after every row: an interrupted run keeps what it measured
+                    write_section(args.results, args.section, header, _table(rows), " ".join(["python"] + sys.argv))
+    print("\n" + _table(rows))
+    return 0
+
+
+def _table(rows: list[dict]) -> str:
+    lines = []
+    if rows:
+        lines.append(f"SmolLM2-135M fp32 perplexity: {rows[0]['job']['baseline_perplexity']:.3f}")
+    lines += [
+        "",
+        "| preset | format | job ppl | reloaded ppl | difference | artifact MB | linear bytes / fp16 | load s | reload peak RSS GB | target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        job_ppl = r["job"]["report_perplexity"]
+        lines.append(
+            f"| {r['preset']} | {r['format']} | {job_ppl:.3f} | {r['perplexity']:.3f} | {(r['perplexity'] / job_ppl - 1) * 100:+.3f} % | "
+            f"{r['bytes'] / 1e6:.1f} | {r['linear_ratio']:.4f} | {r['load_s']:.1f} | {r['peak_rss'] / 1e9:.2f} | {TARGETS.get(r['format'], '')} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
