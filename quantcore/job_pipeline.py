@@ -85,6 +85,7 @@ def execute(request: JobRequest, output_dir: Path, progress, allow_local_paths: 
 
     quantized: dict[str, Any] = {}
     if evaluation.enabled:
+        progress("evaluate", 0, 1, "starting")  # the stage is visible before its first window
         if kind == "causal_lm":
             ppl = clock.run(
                 "evaluate", evaluate_perplexity, model, tokenizer, evaluation, lambda c, t: progress("evaluate", c, t, "perplexity")

@@ -62,6 +62,13 @@ def release_file_pages(tensor: torch.Tensor) -> int:
     return last - first
 
 
+def release_replaced(model: torch.nn.Module, tensors: list[torch.Tensor]) -> int:
+    """`release_file_pages` for those of `tensors` that are no longer parameters of `model`
+    (a quantized layer replaced them; one still shared with a live module is kept)."""
+    kept = {id(p) for p in model.parameters()}
+    return sum(release_file_pages(t.data) for t in tensors if id(t) not in kept)
+
+
 def trim_heap() -> None:
     """Return freed heap memory to the OS (glibc keeps it otherwise)."""
     if _libc is not None and hasattr(_libc, "malloc_trim"):

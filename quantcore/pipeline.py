@@ -35,7 +35,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from quantcore.memory import release_file_pages, trim_heap
+from quantcore.memory import release_replaced as release_replaced_weights
+from quantcore.memory import trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +286,7 @@ def run_blockwise(
         if not block.advanced:
             block.advance()
         if release_replaced:
-            kept = {id(p) for p in model.parameters()}
-            released = sum(release_file_pages(p.data) for p in before if id(p) not in kept)
+            released = release_replaced_weights(model, before)
             log.debug("%s: released %d bytes of replaced float weights", name, released)
             trim_heap()  # and the freed activations of the block's segments
         progress(index + 1, len(blocks), name)

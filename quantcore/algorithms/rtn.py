@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from quantcore.algorithms.base import LayerResult, StageContext, replace_with_quantized
+from quantcore.memory import release_replaced
 from quantcore.observers import make_observer
 from quantcore.recipe import Stage
 from quantcore.registry import Algorithm, register
@@ -42,6 +43,10 @@ def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerRe
         observer = make_observer(stage.weights)
         observer.update(linear.weight.detach().float())
         results.append(replace_with_quantized(model, name, linear, stage, qparams=observer.qparams()))
+        if context.release_memory:
+            # a memory-mapped float weight read for this layer would otherwise stay resident
+            # until the job ends: the whole model's worth by the last layer
+            release_replaced(model, [linear.weight])
         context.progress(i + 1, len(layers), name)
     return results
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantcore.memory import release_file_pages, spill_float_weights, trim_heap
+from quantcore.memory import release_file_pages, release_replaced, spill_float_weights, trim_heap
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and uses madvise (Linux)")
 
@@ -68,3 +68,24 @@ def test_rewritten_weights_are_spilled_to_a_file_and_released_page_by_page(tmp_p
     assert before - resident_bytes() >= 12 << 20
     assert torch.equal(model[0].weight, expected_weight)  # read back from the file
     assert spill_float_weights(model, tmp_path / "again.pt") == 0  # already file-backed
+
+
+def test_release_replaced_drops_only_weights_the_model_no_longer_holds(tmp_path):
+    """What RTN does after each layer: the replaced layer's mapped weight leaves memory; a
+    weight still in the model (here the other layer's) is not touched."""
+    path = tmp_path / "weights.bin"
+    np.arange(2 * (4 << 20), dtype=np.float32).tofile(path)  # two 16 MiB weights
+    mapped = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c")).reshape(2, 2048, 2048)
+    model = torch.nn.Sequential(torch.nn.Linear(2048, 2048, bias=False), torch.nn.Linear(2048, 2048, bias=False))
+    replaced, kept = model[0], model[1]
+    replaced.weight = torch.nn.Parameter(mapped[0], requires_grad=False)
+    kept.weight = torch.nn.Parameter(mapped[1], requires_grad=False)
+    assert float(mapped.sum()) > 0  # touch every page
+    model[0] = torch.nn.Identity()  # as a quantized layer replaces the float one
+    before = resident_bytes()
+
+    released = release_replaced(model, [replaced.weight, kept.weight])
+
+    assert (15 << 20) <= released <= (16 << 20)
+    assert before - resident_bytes() >= 12 << 20
+    assert torch.equal(kept.weight[0, :4], torch.tensor([0.0, 1.0, 2.0, 3.0]) + 4 * (1 << 20))
