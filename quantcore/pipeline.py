@@ -14,7 +14,8 @@ until their block comes up).
 
 Calibration forwards run on a throw-away copy of the block in the *compute dtype*:
 bfloat16 where this machine multiplies bf16 faster than fp32 (CPUs with AVX-512 BF16 or
-AMX, GPUs), float32 elsewhere, decided by a short measurement (`choose_compute_dtype`).
+AMX, GPUs), float32 elsewhere, decided by the CPU's flags or a short measurement
+(`choose_compute_dtype`).
 Quantization itself (Hessians' Cholesky, weight updates, S/Z) always happens in float32
 on the model's own weights.
 
@@ -235,19 +236,40 @@ def forward_observed(
             run_block(work, hidden, kwargs)
 
 
+def _cpu_has_native_bf16() -> bool | None:
+    """Does this CPU multiply bfloat16 natively (AVX-512 BF16 or AMX)? None where /proc/cpuinfo
+    does not say (not Linux, not x86)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _bf16_is_faster() -> bool:
-    """Measure, once per process: is a bf16 matmul at calibration shapes faster than fp32 here?
-    (On CPUs without native bf16 it is several times slower.)"""
+    """Once per process: is a bf16 matmul at calibration shapes faster than fp32 here? A CPU
+    that says it has no native bf16 answers no without a measurement (bf16 is several times
+    slower there, and a timing taken while other processes load the machine can say
+    anything); elsewhere the best of several timings decides."""
+    native = _cpu_has_native_bf16()
+    if native is False:
+        return False
     a, b = torch.randn(256, 576), torch.randn(576, 576)
     timings = {}
     for dtype in (torch.float32, torch.bfloat16):
         x, y = a.to(dtype), b.to(dtype)
         x @ y
-        start = time.perf_counter()
-        for _ in range(4):
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
             x @ y
-        timings[dtype] = time.perf_counter() - start
+            best = min(best, time.perf_counter() - start)
+        timings[dtype] = best
     return timings[torch.bfloat16] < 0.8 * timings[torch.float32]
 
 

@@ -181,15 +181,14 @@ def add_upper_gram(accumulator: torch.Tensor, X: torch.Tensor) -> None:
     blocks below the diagonal repeat the ones above (with 1536 columns in blocks of 192,
     this is 9/16 of the multiplies). The blocks below are left as they were: read the
     result through its upper triangle (`GPTQ.H`). X in another dtype than the accumulator
-    (bfloat16 calibration forwards) is multiplied in its own dtype, the sums added in the
-    accumulator's."""
+    (bfloat16 calibration forwards) is multiplied in the accumulator's: a bfloat16 product
+    rounds each entry to 8 bits, which leaves XᵀX with negative eigenvalues of a few
+    thousandths of its largest, more than the dampening covers, and the Cholesky fails."""
+    X = X.to(accumulator.dtype)
     columns = X.shape[1]
     for start in range(0, columns, GRAM_BLOCK):
         end = min(start + GRAM_BLOCK, columns)
-        if X.dtype == accumulator.dtype:
-            accumulator[start:end, start:].addmm_(X[:, start:end].T, X[:, start:])
-        else:
-            accumulator[start:end, start:] += (X[:, start:end].T @ X[:, start:]).to(accumulator.dtype)
+        accumulator[start:end, start:].addmm_(X[:, start:end].T, X[:, start:])
 
 
 def _current_group(WT, W1, E1, U, start: int, i: int, group: int) -> torch.Tensor:

@@ -159,3 +159,16 @@ def test_layers_fed_the_same_tensor_share_one_hessian_equal_to_the_direct_sum():
     distinct = {id(s) for s in seen.values()}
     assert len(distinct) == 4  # qkv, o, gate/up, down
     torch.testing.assert_close(seen[attn + "q_proj"].H, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_a_cpu_without_native_bf16_calibrates_in_float32_without_timing_anything(monkeypatch):
+    from quantcore import pipeline
+
+    pipeline._bf16_is_faster.cache_clear()
+    monkeypatch.setattr(pipeline, "_cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(pipeline.torch, "randn", lambda *a, **k: (_ for _ in ()).throw(AssertionError("timed")))
+    try:
+        assert pipeline.choose_compute_dtype("auto") == torch.float32
+    finally:
+        pipeline._bf16_is_faster.cache_clear()
+    assert pipeline.choose_compute_dtype("bfloat16") == torch.bfloat16

@@ -84,3 +84,16 @@ def test_hessian_is_twice_the_mean_outer_product(columns):
     expected = 2 / X.shape[0] * sum(torch.outer(x, x) for x in X64)
     torch.testing.assert_close(gptq.H.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     assert torch.equal(gptq.H, gptq.H.T)
+
+
+def test_hessian_of_bfloat16_inputs_is_their_exact_gram_matrix():
+    """Calibration forwards in bfloat16 feed bf16 inputs. H must be 2/n XᵀX of those values as
+    float64 computes it (a bf16 product rounds each entry to 8 bits and leaves negative
+    eigenvalues the dampening cannot cover: the Cholesky then fails at random)."""
+    X = (correlated_inputs(n=512, columns=96) * torch.linspace(0.1, 20, 96)).to(torch.bfloat16)
+    gptq = GPTQ(96)
+    for chunk in X.split(100):
+        gptq.add_batch(chunk)
+    exact = (X.double().T @ X.double()) * (2 / 512)
+    torch.testing.assert_close(gptq.H.double(), exact, rtol=1e-5, atol=1e-6 * float(exact.abs().max()))
+    assert float(torch.linalg.eigvalsh(gptq.H.double()).min()) > -1e-6 * float(exact.abs().max())
