@@ -7,6 +7,8 @@ reader its users have, and the perplexity measured again on the DESIGN.md split:
     qforge               quantcore.export.load_quantized
     compressed-tensors   transformers' AutoModelForCausalLM.from_pretrained (decompressed by
                          the compressed-tensors library on the first forward, counted in load)
+    gguf                 transformers' from_pretrained(gguf_file=...), which dequantizes the
+                         GGUF blocks to float (llama.cpp is not on this machine)
 
 Columns: the job's own perplexity, the reloaded one and their relative difference; the
 artifact folder's bytes and its quantized linear layers' bytes against fp16; load seconds
@@ -30,10 +32,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 SEED = 0
 SMOLLM2 = "bundled:smollm2-135m"
-FORMATS = ["qforge", "compressed-tensors"]
+FORMATS = ["qforge", "compressed-tensors", "gguf"]  # gguf: Q4_0 for 4-bit recipes, Q8_0 for 8-bit ones
 # the export issue's targets, per format
 TARGETS = {
     "compressed-tensors": "reload ppl within 0.5 % of the job's; linear bytes ≤ 0.30 × fp16 at W4 g64",
+    "gguf Q8_0": "reload ppl within 1 % of fp32",
+    "gguf Q4_0": "reported",
 }
 
 
@@ -49,24 +53,28 @@ def quantize(preset: str, tokens: int, out: Path) -> dict:
             "artifacts": report["artifacts"]}
 
 
-def reload(fmt: str, folder: Path, tokens: int) -> dict:
+def reload(fmt: str, location: str, tokens: int) -> dict:
     """Load one artifact as its users would, run one token, then measure perplexity."""
     import torch
 
     from quantcore.eval import evaluate_perplexity
     from quantcore.job import EvaluationSpec
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     start = time.perf_counter()
+    path = Path(location)
     if fmt == "qforge":
         from quantcore.export import load_quantized
 
-        loaded = load_quantized(folder)
+        loaded = load_quantized(path)
         model, tokenizer = loaded.model, loaded.tokenizer
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    elif fmt == "compressed-tensors":
+        model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    else:  # a .gguf file
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     with torch.no_grad():
         model(torch.tensor([[tokenizer.bos_token_id or 0]]))
     load_s = time.perf_counter() - start
@@ -93,7 +101,7 @@ def main() -> int:
         args.out.write_text(json.dumps(quantize(args.quantize, args.tokens, args.out.parent / "job")))
         return 0
     if args.reload:
-        args.out.write_text(json.dumps(reload(args.reload[0], Path(args.reload[1]), args.tokens)))
+        args.out.write_text(json.dumps(reload(args.reload[0], args.reload[1], args.tokens)))
         return 0
 
     from common import run_header, write_section
@@ -106,13 +114,17 @@ def main() -> int:
             job = _child(["--quantize", preset, "--tokens", str(args.tokens)], Path(tmp) / "job.json")
             for artifact in job["artifacts"]:
                 folder = Path(tmp) / "job" / artifact["folder"]
-                measured = _child(["--reload", artifact["format"], str(folder), "--tokens", str(args.tokens)],
+                fmt, location = artifact["format"], folder
+                if "gguf" in artifact:
+                    fmt, location = f"gguf {artifact['gguf']['type']}", folder / artifact["gguf"]["file"]
+                measured = _child(["--reload", artifact["format"], str(location), "--tokens", str(args.tokens)],
                                   Path(tmp) / f"reload-{artifact['format']}.json")
-                row = {"preset": preset, "format": artifact["format"], "job": job, **measured,
+                row = {"preset": preset, "format": fmt, "job": job, **measured,
                        "bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
-                       "linear_ratio": artifact["sizes"]["linear"]["ratio_to_float16"]}
+                       "linear_ratio": artifact["sizes"].get("linear", {}).get("ratio_to_float16"),
+                       "requantized": len(artifact.get("gguf", {}).get("requantized_layers", []))}
                 rows.append(row)
-                print(f"{preset} {artifact['format']}: job ppl {job['report_perplexity']:.3f}, reloaded {row['perplexity']:.3f}, "
+                print(f"{preset} {fmt}: job ppl {job['report_perplexity']:.3f}, reloaded {row['perplexity']:.3f}, "
                       f"load {row['load_s']:.1f} s, {row['bytes'] / 1e6:.1f} MB", flush=True)
                 if args.results:  # after every row: an interrupted run keeps what it measured
                     write_section(args.results, args.section, header, _table(rows), " ".join(["python"] + sys.argv))
@@ -126,14 +138,17 @@ def _table(rows: list[dict]) -> str:
         lines.append(f"SmolLM2-135M fp32 perplexity: {rows[0]['job']['baseline_perplexity']:.3f}")
     lines += [
         "",
-        "| preset | format | job ppl | reloaded ppl | difference | artifact MB | linear bytes / fp16 | load s | reload peak RSS GB | target |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | format | job ppl | reloaded ppl | vs job | vs fp32 | artifact MB | linear bytes / fp16 | load s | reload peak RSS GB | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        job_ppl = r["job"]["report_perplexity"]
+        job_ppl, fp32 = r["job"]["report_perplexity"], r["job"]["baseline_perplexity"]
+        fmt = r["format"] + (f" ({r['requantized']} layers requantized)" if r.get("requantized") else "")
+        ratio = "–" if r["linear_ratio"] is None else f"{r['linear_ratio']:.4f}"
         lines.append(
-            f"| {r['preset']} | {r['format']} | {job_ppl:.3f} | {r['perplexity']:.3f} | {(r['perplexity'] / job_ppl - 1) * 100:+.3f} % | "
-            f"{r['bytes'] / 1e6:.1f} | {r['linear_ratio']:.4f} | {r['load_s']:.1f} | {r['peak_rss'] / 1e9:.2f} | {TARGETS.get(r['format'], '')} |"
+            f"| {r['preset']} | {fmt} | {job_ppl:.3f} | {r['perplexity']:.3f} | {(r['perplexity'] / job_ppl - 1) * 100:+.3f} % | "
+            f"{(r['perplexity'] / fp32 - 1) * 100:+.2f} % | {r['bytes'] / 1e6:.1f} | {ratio} | {r['load_s']:.1f} | "
+            f"{r['peak_rss'] / 1e9:.2f} | {TARGETS.get(r['format'], '')} |"
         )
     return "\n".join(lines)
 

@@ -56,7 +56,7 @@ class CalibrationSpec(BaseModel):
     )
 
 
-ExportFormat = Literal["qforge", "compressed-tensors"]
+ExportFormat = Literal["qforge", "compressed-tensors", "gguf", "gguf-q8_0", "gguf-q4_0", "gguf-f16"]
 
 
 class JobRequest(BaseModel):
@@ -72,7 +72,9 @@ class JobRequest(BaseModel):
         default_factory=lambda: ["qforge"],
         min_length=1,
         description="artifact formats to write, each a separate download; the first is the job's main artifact. "
-        "qforge: reloads with quantcore.export.load_quantized; compressed-tensors: loads in vLLM and transformers",
+        "qforge: reloads with quantcore.export.load_quantized; compressed-tensors: loads in vLLM and transformers; "
+        "gguf-q8_0 / gguf-q4_0 / gguf-f16: llama.cpp (llama-architecture models), gguf: q4_0 for recipes of 4 bits "
+        "or fewer, else q8_0",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
@@ -91,13 +93,22 @@ class JobRequest(BaseModel):
     @model_validator(mode="after")
     def _formats_can_hold_the_recipe(self) -> "JobRequest":
         # Refused at submission rather than after an hour of calibration.
-        if "compressed-tensors" in self.export:
-            for stage in self.recipe.stages:
-                if stage.algorithm == "svdquant":
-                    raise ValueError(
-                        "export: compressed-tensors has no low-rank branch for svdquant's 16-bit L1·L2; use the qforge format"
-                    )
+        if len({fmt for fmt in self.export if fmt.startswith("gguf")}) > 1:
+            raise ValueError("export: one GGUF type per job")
+        for fmt in self.export:
+            if fmt != "qforge" and any(stage.algorithm == "svdquant" for stage in self.recipe.stages):
+                raise ValueError(f"export: {fmt} has no low-rank branch for svdquant's 16-bit L1·L2; use the qforge format")
         return self
+
+    def gguf_type(self) -> str | None:
+        """The GGUF tensor type the export asks for, if any."""
+        for fmt in self.export:
+            if fmt == "gguf":
+                bits = [stage.weights.bits for stage in self.recipe.stages if stage.weights is not None]
+                return "Q4_0" if bits and min(bits) <= 4 else "Q8_0"
+            if fmt.startswith("gguf-"):
+                return fmt.removeprefix("gguf-").upper()
+        return None
 
 
 def _noop_progress(stage: str, current: int, total: int, message: str = "") -> None:

@@ -28,6 +28,7 @@ from quantcore.cache import cache_dir
 from quantcore.eval.data import calibration_samples
 from quantcore.eval import benchmark_paragraphs, embedding_cosine, evaluate_perplexity, sentence_embeddings
 from quantcore.export.artifact import quantized_layers, save_artifact, tensor_bytes, write_json, write_manifest
+from quantcore.export.model_card import model_card
 from quantcore.job import JobRequest, environment
 from quantcore.memory import spill_float_weights, trim_heap
 from quantcore.targets import select_modules
@@ -121,27 +122,43 @@ def execute(request: JobRequest, output_dir: Path, progress, allow_local_paths: 
         folder = output_dir / artifact_folder(fmt)
         if folder.exists():
             shutil.rmtree(folder)  # a retried job starts its export afresh
+        entry: dict[str, Any] = {"format": fmt, "folder": folder.name}
         if fmt == "qforge":
             save_artifact(model, tokenizer, folder, kind, {"recipe.json": report["request"]})
-        else:
+        elif fmt == "compressed-tensors":
             from quantcore.export.compressed_tensors import export_compressed_tensors
 
             export_compressed_tensors(model, tokenizer, folder)
+        else:
+            from quantcore.export.gguf_export import export_gguf
+
+            gguf_type = request.gguf_type()
+            written = export_gguf(model, tokenizer, folder / f"{loaded.ref.name}-{gguf_type}.gguf".replace("/", "-"), gguf_type)
+            entry["gguf"] = written.as_dict()
+        if fmt != "qforge":
             write_json(folder / "recipe.json", report["request"])
-        report["artifacts"].append({"format": fmt, "folder": folder.name, "sizes": _sizes(folder, model, float_bytes)})
+        entry["sizes"] = _sizes(folder, model, float_bytes) if any(folder.glob("*.safetensors")) else _file_sizes(folder)
+        report["artifacts"].append(entry)
         folders.append(folder)
         progress("export", index + 1, len(formats), f"{fmt} written")
-    report["sizes"] = report["artifacts"][0]["sizes"]  # the main artifact's
+    # the main artifact's, or the first that stores linear layers as tensors (not GGUF blocks)
+    report["sizes"] = next((a["sizes"] for a in report["artifacts"] if "linear" in a["sizes"]), report["artifacts"][0]["sizes"])
     report["timings"]["export_s"] = round(time.perf_counter() - start, 3)
-    for folder in folders:  # every artifact carries the whole report, then its manifest
+    for folder, entry in zip(folders, report["artifacts"]):  # each carries the whole report, a card, then its manifest
         write_json(folder / "report.json", report)
+        gguf_file = entry.get("gguf", {}).get("file", "")
+        (folder / "README.md").write_text(model_card(report, entry["format"], folder.name, gguf_file))
         write_manifest(folder)
     return report
 
 
 def artifact_folder(fmt: str) -> str:
     """The folder, inside a job's output_dir, that holds its artifact in format `fmt`."""
-    return "artifact" if fmt == "qforge" else f"artifact-{fmt}"
+    return "artifact" if fmt == "qforge" else f"artifact-{fmt.split('-')[0] if fmt.startswith('gguf') else fmt}"
+
+
+def _file_sizes(folder: Path) -> dict:
+    return {"artifact_bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())}
 
 
 def _apply_recipe(

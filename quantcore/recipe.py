@@ -151,6 +151,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         # SmolLM2, 4096 eval tokens: 14.57 with act-order (32 windows), 17.10 without (16 windows)
         "stages": [{"algorithm": "gptq", "weights": _w(4, "group", 64), "options": {"act_order": True}}],
     },
+    "w4a16-gptq-g32": {
+        "description": "GPTQ int4 weights in groups of 32, symmetric, act-order: GGUF Q4_0's own grid (exported code for code)",
+        "stages": [{"algorithm": "gptq", "weights": _w(4, "group", 32), "options": {"act_order": True}}],
+    },
     "w3a16-gptq-g64": {
         "description": "GPTQ int3 weights in groups of 64, symmetric, act-order",
         "stages": [{"algorithm": "gptq", "weights": _w(3, "group", 64), "options": {"act_order": True}}],

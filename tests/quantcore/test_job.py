@@ -67,6 +67,41 @@ def test_job_exports_compressed_tensors_that_transformers_reloads(tiny_llm, tmp_
     assert ppl == pytest.approx(report["metrics"]["quantized"]["perplexity"], rel=1e-5)
 
 
+def test_job_exports_gguf_with_a_model_card_in_every_artifact(tmp_path):
+    """A job asking for GGUF Q8_0 with a recipe on Q8_0's own grid (symmetric int8, groups
+    of 32): the file holds the codes as they are; every artifact explains itself."""
+    from gguf import GGUFReader
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = [chr(c) for c in range(33, 126)] + ["Ġ", "<|endoftext|>"]
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    source = tmp_path / "source"
+    LlamaForCausalLM(config).save_pretrained(source, safe_serialization=True)
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=tokens[-1]).save_pretrained(source)
+    weights = {"bits": 8, "symmetric": True, "granularity": "group", "group_size": 32}
+    recipe = {"name": "w8-g32", "stages": [{"algorithm": "rtn", "weights": weights}]}
+    request = JobRequest(model=str(source), recipe=recipe, export=["gguf-q8_0", "qforge"], evaluation={"enabled": False})
+
+    report = run_job(request, tmp_path / "job")
+
+    gguf_entry = report["artifacts"][0]
+    assert gguf_entry["format"] == "gguf-q8_0" and gguf_entry["folder"] == "artifact-gguf"
+    assert gguf_entry["gguf"]["exact_layers"] == 14 and gguf_entry["gguf"]["requantized_layers"] == []
+    path = tmp_path / "job" / "artifact-gguf" / gguf_entry["gguf"]["file"]
+    assert {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}["blk.1.ffn_up.weight"] == "Q8_0"
+    for folder in ("artifact-gguf", "artifact"):
+        card = (tmp_path / "job" / folder / "README.md").read_text()
+        assert "w8-g32" in card and '"group_size": 32' in card and str(source) in card
+    assert "llama-cli -m artifact-gguf/" in (tmp_path / "job" / "artifact-gguf" / "README.md").read_text()
+    assert load_quantized(tmp_path / "job" / "artifact").report["artifacts"][0]["format"] == "gguf-q8_0"
+
+
 def test_export_formats_are_checked_at_submission():
     with pytest.raises(ValueError, match="low-rank"):
         JobRequest(model="bundled:smollm2-135m", recipe="w4a4-svdquant-r32", export=["compressed-tensors"])
@@ -74,6 +109,10 @@ def test_export_formats_are_checked_at_submission():
         JobRequest(model="bundled:smollm2-135m", recipe="w8a16-rtn", export=["qforge", "qforge"])
     with pytest.raises(ValueError):
         JobRequest(model="bundled:smollm2-135m", recipe="w8a16-rtn", export=["onnx"])
+    with pytest.raises(ValueError, match="one GGUF type"):
+        JobRequest(model="bundled:smollm2-135m", recipe="w8a16-rtn", export=["gguf-q8_0", "gguf-q4_0"])
+    assert JobRequest(model="bundled:smollm2-135m", recipe="w4a16-gptq-g64", export=["gguf"]).gguf_type() == "Q4_0"
+    assert JobRequest(model="bundled:smollm2-135m", recipe="w8a8-smoothquant", export=["gguf"]).gguf_type() == "Q8_0"
 
 
 def test_cancellation_stops_between_layers(tiny_llm, tmp_path):
