@@ -72,7 +72,21 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: Path, file_type: str = "
 
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(str(partial), "llama")
+    try:
+        result = _write(model, tokenizer, partial, path, file_type, main_type, float_matrix_type)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # never leave half a file that looks like a model
+        raise
+    partial.replace(path)
+    return result
+
+
+def _write(model: nn.Module, tokenizer: Any, partial: Path, path: Path, file_type: str, main_type, float_matrix_type) -> GGUFExport:
+    import gguf
+
+    config = model.config
+    # tensors are spooled to a temporary file past 256 MB instead of all held in memory
+    writer = gguf.GGUFWriter(str(partial), "llama", use_temp_file=True)
     _write_metadata(writer, model, file_type)
     _write_tokenizer(writer, tokenizer, config.vocab_size)
 
@@ -107,7 +121,6 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: Path, file_type: str = "
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    partial.replace(path)
     return result
 
 

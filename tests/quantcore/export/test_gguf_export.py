@@ -116,3 +116,11 @@ def test_what_gguf_cannot_hold_is_refused(tiny_llama, bpe_tokenizer, tmp_path):
     with pytest.raises(ExportError, match="llama-architecture"):
         export_gguf(tiny_llama, bpe_tokenizer, tmp_path / "m.gguf", "Q8_0")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_tokenizer_gguf_cannot_describe_fails_before_any_file_is_left(tiny_llama, tmp_path):
+    backend = Tokenizer(models.WordPiece(vocab={"[UNK]": 0, "a": 1, "##b": 2}, unk_token="[UNK]"))
+    wordpiece = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    with pytest.raises(ExportError, match="neither byte-level BPE nor SentencePiece"):
+        export_gguf(tiny_llama, wordpiece, tmp_path / "m.gguf", "Q8_0")
+    assert list(tmp_path.iterdir()) == []
