@@ -1,0 +1,143 @@
+"""Artifact downloads through the API: the API process's extra memory while it streams one.
+
+A real API process (`qforge serve --no-worker` on a private data folder) serves a succeeded
+job whose artifact is a file of random bytes; this script downloads it over HTTP (whole, and
+as two Range requests), checks the sha256, and reads the server's resident memory: before
+(after a warm-up request) and its peak during the downloads (the kernel's high-water mark,
+reset first; Linux). The export issue's target: < 50 MB extra for a 100 MB artifact.
+
+    python bench/download_rss.py [--mb 100] [--results bench/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SEED = 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _status_bytes(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} for process {pid}")
+
+
+def _succeeded_job(data_dir: Path, size: int) -> tuple[str, str]:
+    """Insert a succeeded job whose artifact is `size` random bytes; returns its id and sha256."""
+    import numpy as np
+    from sqlalchemy import update
+
+    from app.core.config import get_settings
+    from app.core.db import migrate, session_scope
+    from app.models import Job, JobStatus
+
+    os.environ["QFORGE_DATA_DIR"] = str(data_dir)
+    get_settings.cache_clear()
+    settings = get_settings()
+    migrate()
+    settings.artifact_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.artifact_dir / f"artifact-{uuid.uuid4().hex}.partial"
+    digest = hashlib.sha256()
+    rng = np.random.default_rng(SEED)
+    with open(path, "wb") as fh:
+        for start in range(0, size, 1 << 20):  # written in pieces: this process stays small too
+            chunk = rng.integers(0, 256, min(1 << 20, size - start), dtype=np.uint8).tobytes()
+            digest.update(chunk)
+            fh.write(chunk)
+    from app import crud
+    from quantcore.job import JobRequest
+
+    with session_scope() as session:
+        job, _ = crud.create_job(session, JobRequest(model="bundled:smollm2-135m", recipe="w4a16-rtn-g64"), None)
+        job_id = job.id
+        os.replace(path, settings.artifact_dir / f"{job_id}.tar")
+        session.execute(update(Job).where(Job.id == job_id).values(
+            status=JobStatus.SUCCEEDED, artifact_path=f"{job_id}.tar", artifact_sha256=digest.hexdigest(), artifact_bytes=size))
+    return job_id, digest.hexdigest()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=100, help="artifact size in MB (10^6 bytes)")
+    parser.add_argument("--results", type=Path)
+    parser.add_argument("--section", default="Export: artifact download memory of the API")
+    args = parser.parse_args()
+    import httpx
+
+    from common import run_header, write_section
+
+    header = run_header(SEED, artifact_mb=args.mb)
+    print("\n".join(header), flush=True)
+    size = args.mb * 10**6
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp) / "data"
+        job_id, sha = _succeeded_job(data_dir, size)
+        port = _free_port()
+        env = {**os.environ, "QFORGE_DATA_DIR": str(data_dir)}
+        server = subprocess.Popen([sys.executable, "-m", "qforge.cli", "serve", "--no-worker", "--port", str(port)], env=env)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            with httpx.Client(base_url=base, timeout=60) as client:
+                for _ in range(300):
+                    try:
+                        if client.get("/healthz").status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        time.sleep(0.2)
+                client.get(f"/v1/jobs/{job_id}")  # warm-up: routes, database, serializers
+                before = _status_bytes(server.pid, "VmRSS")
+                Path(f"/proc/{server.pid}/clear_refs").write_text("5")  # peak := now
+                rows = []
+                for label, ranges in (("whole", [None]), ("two Range halves", [(0, size // 2 - 1), (size // 2, size - 1)])):
+                    digest, received, start = hashlib.sha256(), 0, time.perf_counter()
+                    for span in ranges:
+                        headers = {"Range": f"bytes={span[0]}-{span[1]}"} if span else {}
+                        with client.stream("GET", f"/v1/jobs/{job_id}/artifact", headers=headers) as response:
+                            response.raise_for_status()
+                            for chunk in response.iter_bytes(1 << 16):
+                                digest.update(chunk)
+                                received += len(chunk)
+                    seconds = time.perf_counter() - start
+                    if received != size or digest.hexdigest() != sha:
+                        raise SystemExit(f"{label}: received {received} bytes, sha256 mismatch: {digest.hexdigest() != sha}")
+                    peak = _status_bytes(server.pid, "VmHWM")
+                    rows.append((label, seconds, peak))
+        finally:
+            server.terminate()
+            server.wait(30)
+    lines = [
+        f"API process RSS before the downloads: {before / 1e6:.1f} MB",
+        "",
+        "| download | MB | seconds | MB/s | API peak RSS MB | extra over before MB | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, seconds, peak in rows:
+        lines.append(f"| {label} | {args.mb} | {seconds:.2f} | {args.mb / seconds:.0f} | {peak / 1e6:.1f} | "
+                     f"{(peak - before) / 1e6:.1f} | < 50 MB extra |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    if args.results:
+        write_section(args.results, args.section, header, table, " ".join(["python"] + sys.argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
