@@ -56,7 +56,8 @@ class CalibrationSpec(BaseModel):
     )
 
 
-ExportFormat = Literal["qforge", "compressed-tensors", "gguf", "gguf-q8_0", "gguf-q4_0", "gguf-f16"]
+ExportFormat = Literal["qforge", "compressed-tensors", "gguf", "gguf-q8_0", "gguf-q4_0", "gguf-f16", "gptq", "awq"]
+PACKED_BITS = {"gptq": (2, 4, 8), "awq": (4,)}  # what quantcore.export.packed_checkpoints can pack
 
 
 class JobRequest(BaseModel):
@@ -74,7 +75,7 @@ class JobRequest(BaseModel):
         description="artifact formats to write, each a separate download; the first is the job's main artifact. "
         "qforge: reloads with quantcore.export.load_quantized; compressed-tensors: loads in vLLM and transformers; "
         "gguf-q8_0 / gguf-q4_0 / gguf-f16: llama.cpp (llama-architecture models), gguf: q4_0 for recipes of 4 bits "
-        "or fewer, else q8_0",
+        "or fewer, else q8_0; gptq / awq: those loaders' qweight/qzeros/scales layouts (weight-only)",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
@@ -98,6 +99,11 @@ class JobRequest(BaseModel):
         for fmt in self.export:
             if fmt != "qforge" and any(stage.algorithm == "svdquant" for stage in self.recipe.stages):
                 raise ValueError(f"export: {fmt} has no low-rank branch for svdquant's 16-bit L1·L2; use the qforge format")
+            for stage in self.recipe.stages if fmt in PACKED_BITS else []:
+                if stage.activations is not None:
+                    raise ValueError(f"export: the {fmt} layout is weight-only; stage {stage.algorithm} quantizes activations")
+                if stage.weights is not None and stage.weights.bits not in PACKED_BITS[fmt]:
+                    raise ValueError(f"export: the {fmt} layout packs {PACKED_BITS[fmt]}-bit weights, not {stage.weights.bits}-bit")
         return self
 
     def gguf_type(self) -> str | None:

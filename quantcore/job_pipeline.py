@@ -129,6 +129,10 @@ def execute(request: JobRequest, output_dir: Path, progress, allow_local_paths: 
             from quantcore.export.compressed_tensors import export_compressed_tensors
 
             export_compressed_tensors(model, tokenizer, folder)
+        elif fmt in ("gptq", "awq"):
+            from quantcore.export.packed_checkpoints import export_packed_checkpoint
+
+            export_packed_checkpoint(model, tokenizer, folder, fmt)
         else:
             from quantcore.export.gguf_export import export_gguf
 

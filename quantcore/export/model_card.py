@@ -29,6 +29,28 @@ vLLM:
 ```bash
 vllm serve ./{folder}
 ```""",
+    "gptq": """transformers (with `gptqmodel` installed: it reads this qweight/qzeros/scales/g_idx layout):
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("{folder}")
+```
+
+vLLM:
+
+```bash
+vllm serve ./{folder}
+```""",
+    "awq": """transformers (with `autoawq` installed) or vLLM, both read the AutoAWQ GEMM layout:
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("{folder}")
+```
+
+```bash
+vllm serve ./{folder}
+```""",
     "gguf": """llama.cpp:
 
 ```bash

@@ -86,7 +86,7 @@ def test_job_exports_gguf_with_a_model_card_in_every_artifact(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=tokens[-1]).save_pretrained(source)
     weights = {"bits": 8, "symmetric": True, "granularity": "group", "group_size": 32}
     recipe = {"name": "w8-g32", "stages": [{"algorithm": "rtn", "weights": weights}]}
-    request = JobRequest(model=str(source), recipe=recipe, export=["gguf-q8_0", "qforge"], evaluation={"enabled": False})
+    request = JobRequest(model=str(source), recipe=recipe, export=["gguf-q8_0", "qforge", "gptq"], evaluation={"enabled": False})
 
     report = run_job(request, tmp_path / "job")
 
@@ -95,7 +95,9 @@ def test_job_exports_gguf_with_a_model_card_in_every_artifact(tmp_path):
     assert gguf_entry["gguf"]["exact_layers"] == 14 and gguf_entry["gguf"]["requantized_layers"] == []
     path = tmp_path / "job" / "artifact-gguf" / gguf_entry["gguf"]["file"]
     assert {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}["blk.1.ffn_up.weight"] == "Q8_0"
-    for folder in ("artifact-gguf", "artifact"):
+    assert report["artifacts"][2]["sizes"]["linear"]["layers"] == 14  # the GPTQ layout's qweight/scales/...
+    assert "gptqmodel" in (tmp_path / "job" / "artifact-gptq" / "README.md").read_text()
+    for folder in ("artifact-gguf", "artifact", "artifact-gptq"):
         card = (tmp_path / "job" / folder / "README.md").read_text()
         assert "w8-g32" in card and '"group_size": 32' in card and str(source) in card
     assert "llama-cli -m artifact-gguf/" in (tmp_path / "job" / "artifact-gguf" / "README.md").read_text()
@@ -109,6 +111,10 @@ def test_export_formats_are_checked_at_submission():
         JobRequest(model="bundled:smollm2-135m", recipe="w8a16-rtn", export=["qforge", "qforge"])
     with pytest.raises(ValueError):
         JobRequest(model="bundled:smollm2-135m", recipe="w8a16-rtn", export=["onnx"])
+    with pytest.raises(ValueError, match="weight-only"):
+        JobRequest(model="bundled:smollm2-135m", recipe="w8a8-rtn", export=["gptq"])
+    with pytest.raises(ValueError, match="not 3-bit"):
+        JobRequest(model="bundled:smollm2-135m", recipe="w3a16-gptq-g64", export=["awq"])
     with pytest.raises(ValueError, match="one GGUF type"):
         JobRequest(model="bundled:smollm2-135m", recipe="w8a16-rtn", export=["gguf-q8_0", "gguf-q4_0"])
     assert JobRequest(model="bundled:smollm2-135m", recipe="w4a16-gptq-g64", export=["gguf"]).gguf_type() == "Q4_0"
