@@ -183,6 +183,7 @@ def _apply_recipe(
             seed=request.seed,
             compute_dtype=request.calibration.compute_dtype,
             release_memory=True,
+            spill_dir=spill_dir / f"stage{index + 1}" if spill_dir is not None else None,
         )
         if not select_modules(model, stage.targets, stage.ignore):
             raise RecipeApplicationError(

@@ -75,6 +75,39 @@ def trim_heap() -> None:
         _libc.malloc_trim(0)
 
 
+def spill_rewritten_weights(module: torch.nn.Module, path: Path, min_bytes: int = 1 << 20) -> int:
+    """After a stage rewrote `module`'s float weights in place (smoothing or AWQ scales folded
+    in), move every float parameter of at least `min_bytes` to a file at `path`, map it back
+    from there and drop both copies' pages from memory: the values are bit-for-bit the
+    rewritten ones, and they stay out of memory until read again. Unlike
+    `spill_float_weights` this also moves weights that still lie in a file's private mapping:
+    an in-place rewrite turned their pages into private copies, which only leave memory when
+    released once nothing points at them. Returns the bytes spilled."""
+    if _libc is None:
+        return 0
+    chosen = {
+        name: p
+        for name, p in module.named_parameters()
+        if p.device.type == "cpu" and p.is_floating_point() and p.numel() * p.element_size() >= min_bytes
+    }
+    if not chosen:
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({name: p.detach() for name, p in chosen.items()}, path)
+    mapped = torch.load(path, mmap=True, weights_only=True)
+    for name, p in chosen.items():
+        old, p.data = p.data, mapped[name]
+        release_file_pages(old)  # the rewritten private pages of the source file's mapping
+        release_file_pages(p.data)
+        del old
+    try:
+        path.unlink()
+    except OSError:
+        log.debug("kept %s: it cannot be removed while mapped", path)
+    trim_heap()  # the rewritten copies that lived in anonymous memory
+    return sum(p.numel() * p.element_size() for p in chosen.values())
+
+
 def spill_float_weights(model: torch.nn.Module, path: Path, min_bytes: int = 1 << 20) -> int:
     """Move the model's float parameters that live only in anonymous memory (a stage rewrote
     them, e.g. smoothing scales folded into the weights) into a file at `path` and map them

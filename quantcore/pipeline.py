@@ -31,13 +31,14 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
+from quantcore.memory import spill_rewritten_weights, trim_heap
 from quantcore.memory import release_replaced as release_replaced_weights
-from quantcore.memory import trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,13 @@ def choose_compute_dtype(requested: str = "auto", device: torch.device | str = "
     return torch.bfloat16 if _bf16_is_faster() else torch.float32
 
 
+def _rewrote_floats(module: nn.Module, before: list[torch.Tensor]) -> bool:
+    """Does the block still hold large float weights after its stage (which then rewrote them
+    in place rather than replacing them by quantized layers)?"""
+    kept = {id(p) for p in before}
+    return any(id(p) in kept and p.is_floating_point() and p.numel() >= 1 << 18 for p in module.parameters())
+
+
 def run_blockwise(
     model: nn.Module,
     samples: list[Any],
@@ -288,12 +296,15 @@ def run_blockwise(
     progress: Callable[[int, int, str], None] = lambda current, total, message="": None,
     compute_dtype: torch.dtype | str = "auto",
     release_replaced: bool = False,
+    spill_dir: Path | None = None,
 ) -> None:
     """Calibrate block by block: `quantize_block(block)` quantizes `block.module` in place
     (it may call `block.forward` to observe it); the quantized block's outputs become the
     next block's inputs. With `release_replaced`, the memory-mapped float weights that a
     block's quantization replaced are dropped from memory (`quantcore.memory`), so the
-    process holds one block of float weights at a time, not the model's."""
+    process holds one block of float weights at a time, not the model's. With `spill_dir`,
+    the float weights a block's stage rewrote in place (smoothing or AWQ scales folded in)
+    are moved to a file there and mapped back, block by block, for the same reason."""
     if not samples:
         raise ValueError("calibration needs at least one sample")
     dtype = compute_dtype if isinstance(compute_dtype, torch.dtype) else choose_compute_dtype(compute_dtype)
@@ -307,6 +318,8 @@ def run_blockwise(
         quantize_block(block)
         if not block.advanced:
             block.advance()
+        if spill_dir is not None and _rewrote_floats(module, before):
+            spill_rewritten_weights(module, spill_dir / f"{name}.pt")
         if release_replaced:
             released = release_replaced_weights(model, before)
             log.debug("%s: released %d bytes of replaced float weights", name, released)

@@ -98,7 +98,8 @@ def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerRe
                                adaround_loss=round(result.loss_learned, 6), adaround_flipped=round(result.flipped, 4))
             results.append(layer)
 
-    run_blockwise(model, context.calibration, quantize_block, context.progress, context.compute_dtype, context.release_memory)
+    run_blockwise(model, context.calibration, quantize_block, context.progress, context.compute_dtype, context.release_memory,
+                  spill_dir=context.spill_dir)
     return results
 
 

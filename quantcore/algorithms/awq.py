@@ -296,7 +296,8 @@ def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerRe
                 layer.extra.update({"awq_alpha": alphas.get(name), "awq_clipped": clip})
                 results.append(layer)
 
-    run_blockwise(model, context.calibration, quantize_block, context.progress, context.compute_dtype, context.release_memory)
+    run_blockwise(model, context.calibration, quantize_block, context.progress, context.compute_dtype, context.release_memory,
+                  spill_dir=context.spill_dir)
     return results
 
 

@@ -4,6 +4,7 @@ returns. The math of each algorithm lives in its own file beside this one."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -28,6 +29,9 @@ class StageContext:
     seed: int = 0
     compute_dtype: str = "auto"  # of calibration forwards: "auto", "float32" or "bfloat16"
     release_memory: bool = False  # drop replaced memory-mapped float weights (the job owns its model)
+    # where a block-by-block pass moves the float weights it rewrote (and did not replace) block
+    # by block, so a transforming stage ends holding one block of them, not the model's
+    spill_dir: Path | None = None
 
 
 @dataclass

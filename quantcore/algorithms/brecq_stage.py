@@ -157,7 +157,8 @@ def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerRe
                                 brecq_fisher="lm" if fisher is not None else "none")
             results.append(result)
 
-    run_blockwise(model, samples, quantize_block, context.progress, "float32", context.release_memory)
+    run_blockwise(model, samples, quantize_block, context.progress, "float32", context.release_memory,
+                  spill_dir=context.spill_dir)
     return results
 
 

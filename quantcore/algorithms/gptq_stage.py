@@ -168,7 +168,8 @@ def apply(
             for names, shared in _sharing(accumulate_hessians(block, {name: layers[name] for name in group}, solver)):
                 quantize_layers(names, shared)
 
-    run_blockwise(model, context.calibration, quantize_block, context.progress, context.compute_dtype, context.release_memory)
+    run_blockwise(model, context.calibration, quantize_block, context.progress, context.compute_dtype, context.release_memory,
+                  spill_dir=context.spill_dir)
     return results
 
 

@@ -220,7 +220,8 @@ def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerRe
                 layer.extra["smoothquant_alpha_search"] = errors
             results.append(layer)
 
-    run_blockwise(model, context.calibration, quantize_block, context.progress, context.compute_dtype, context.release_memory)
+    run_blockwise(model, context.calibration, quantize_block, context.progress, context.compute_dtype, context.release_memory,
+                  spill_dir=context.spill_dir)
     if not smoothed:
         raise ValueError(
             "smoothquant found no layer it can smooth: it folds scales into a preceding norm or linear "

@@ -120,7 +120,8 @@ def apply(model: nn.Module, stage: Stage, context: StageContext) -> list[LayerRe
                 )
             )
 
-    run_blockwise(model, context.calibration, quantize_block, context.progress, context.compute_dtype, context.release_memory)
+    run_blockwise(model, context.calibration, quantize_block, context.progress, context.compute_dtype, context.release_memory,
+                  spill_dir=context.spill_dir)
     return results
 
 

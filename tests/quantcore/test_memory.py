@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantcore.memory import release_file_pages, release_replaced, spill_float_weights, trim_heap
+from quantcore.memory import release_file_pages, release_replaced, spill_float_weights, spill_rewritten_weights, trim_heap
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and uses madvise (Linux)")
 
@@ -89,3 +89,24 @@ def test_release_replaced_drops_only_weights_the_model_no_longer_holds(tmp_path)
     assert (15 << 20) <= released <= (16 << 20)
     assert before - resident_bytes() >= 12 << 20
     assert torch.equal(kept.weight[0, :4], torch.tensor([0.0, 1.0, 2.0, 3.0]) + 4 * (1 << 20))
+
+
+def test_weights_rewritten_in_place_on_a_file_mapping_are_spilled_not_reverted(tmp_path):
+    """A smoothing stage folds scales into mapped weights in place: their pages become private
+    copies inside the file's mapping. Spilled, the module keeps the rewritten values (not the
+    file's), and resident memory drops by about their size."""
+    path = tmp_path / "weights.bin"
+    np.arange(8 << 20, dtype=np.float32).tofile(path)  # 32 MiB
+    weight = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c")).reshape(2048, 4096)
+    layer = torch.nn.Linear(4096, 2048, bias=False)
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    with torch.no_grad():
+        layer.weight.mul_(3.0)  # every page copied on write
+    before = resident_bytes()
+
+    spilled = spill_rewritten_weights(layer, tmp_path / "spill" / "block0.pt")
+
+    assert spilled == 32 << 20
+    assert before - resident_bytes() >= 24 << 20
+    assert torch.equal(layer.weight[1, :3], 3.0 * torch.tensor([4096.0, 4097.0, 4098.0]))
+    assert np.fromfile(path, dtype=np.float32, count=3).tolist() == [0.0, 1.0, 2.0]  # the source file untouched

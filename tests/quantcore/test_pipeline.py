@@ -172,3 +172,38 @@ def test_a_cpu_without_native_bf16_calibrates_in_float32_without_timing_anything
     finally:
         pipeline._bf16_is_faster.cache_clear()
     assert pipeline.choose_compute_dtype("bfloat16") == torch.bfloat16
+
+
+def test_weights_rewritten_by_a_stage_are_spilled_block_by_block_unchanged(tmp_path):
+    """A transforming stage (here: every weight doubled in place, as folding scales does)
+    with spill_dir: each block's rewritten weights end up mapped from a spill file, with the
+    values the stage wrote, and the model computes what it would without spilling."""
+    from quantcore.memory import _file_mapping
+
+    samples = [torch.randint(0, 64, (1, 10)) for _ in range(2)]
+    big = 1 << 18  # weights of at least this many elements count as rewritten
+
+    def model_with_big_mlps():
+        model = tiny_llama()
+        for layer in model.model.layers:  # large enough to be spilled (>= 1 MiB each)
+            layer.mlp.gate_proj = nn.Linear(32, big // 32 * 2, bias=False)
+            layer.mlp.up_proj = nn.Linear(32, big // 32 * 2, bias=False)
+            layer.mlp.down_proj = nn.Linear(big // 32 * 2, 32, bias=False)
+        torch.manual_seed(1)
+        for p in model.parameters():
+            nn.init.normal_(p, std=0.02)
+        return model.eval()
+
+    def double(block):
+        with torch.no_grad():
+            for p in block.module.parameters():
+                p.mul_(2.0)
+
+    plain, spilled = model_with_big_mlps(), model_with_big_mlps()
+    run_blockwise(plain, samples, double, compute_dtype=torch.float32)
+    run_blockwise(spilled, samples, double, compute_dtype=torch.float32, spill_dir=tmp_path / "spill")
+    for (name, a), b in zip(plain.named_parameters(), spilled.parameters()):
+        assert torch.equal(a, b), name
+    gate = spilled.model.layers[1].mlp.gate_proj.weight
+    assert _file_mapping(gate.data_ptr()) is not None  # mapped from the spill file
+    assert list((tmp_path / "spill").iterdir()) == []  # each file unlinked once mapped
