@@ -207,3 +207,26 @@ def test_weights_rewritten_by_a_stage_are_spilled_block_by_block_unchanged(tmp_p
     gate = spilled.model.layers[1].mlp.gate_proj.weight
     assert _file_mapping(gate.data_ptr()) is not None  # mapped from the spill file
     assert list((tmp_path / "spill").iterdir()) == []  # each file unlinked once mapped
+
+
+def test_observed_pass_sees_every_input_a_full_forward_sees():
+    """Samples after the first stop once their last observed call is made: the observations
+    are still every input of every observed layer, equal to a full forward's."""
+    from quantcore.pipeline import capture_block_inputs, forward_observed
+
+    model = tiny_llama()
+    samples = [torch.randint(0, 64, (1, 10)) for _ in range(3)]
+    block = model.model.layers[1]
+    inputs = capture_block_inputs(model, model.model.layers[0], samples)
+    names = ["self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"]
+    expected = {name: [] for name in names}
+    with torch.no_grad(), observe_inputs({n: block.get_submodule(n) for n in names}, lambda n, x: expected[n].append(x.clone())):
+        for h, kw in zip(inputs.hidden, inputs.kwargs):
+            run_block(block, h, kw)
+    got = {name: [] for name in names}
+    forward_observed(block, zip(inputs.hidden, inputs.kwargs), {n: (lambda x, n=n: got[n].append(x.clone())) for n in names},
+                     torch.float32)
+    for name in names:
+        assert len(got[name]) == 3
+        for a, b in zip(got[name], expected[name]):
+            assert torch.equal(a, b), name
