@@ -83,29 +83,7 @@ def spill_rewritten_weights(module: torch.nn.Module, path: Path, min_bytes: int 
     `spill_float_weights` this also moves weights that still lie in a file's private mapping:
     an in-place rewrite turned their pages into private copies, which only leave memory when
     released once nothing points at them. Returns the bytes spilled."""
-    if _libc is None:
-        return 0
-    chosen = {
-        name: p
-        for name, p in module.named_parameters()
-        if p.device.type == "cpu" and p.is_floating_point() and p.numel() * p.element_size() >= min_bytes
-    }
-    if not chosen:
-        return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({name: p.detach() for name, p in chosen.items()}, path)
-    mapped = torch.load(path, mmap=True, weights_only=True)
-    for name, p in chosen.items():
-        old, p.data = p.data, mapped[name]
-        release_file_pages(old)  # the rewritten private pages of the source file's mapping
-        release_file_pages(p.data)
-        del old
-    try:
-        path.unlink()
-    except OSError:
-        log.debug("kept %s: it cannot be removed while mapped", path)
-    trim_heap()  # the rewritten copies that lived in anonymous memory
-    return sum(p.numel() * p.element_size() for p in chosen.values())
+    return _spill(module, path, min_bytes, anonymous_only=False)
 
 
 def spill_float_weights(model: torch.nn.Module, path: Path, min_bytes: int = 1 << 20) -> int:
@@ -115,13 +93,20 @@ def spill_float_weights(model: torch.nn.Module, path: Path, min_bytes: int = 1 <
     (`release_file_pages`) as it replaces them, instead of starting with the whole rewritten
     model resident. Values are bit-for-bit unchanged. The file is unlinked at once where the
     OS allows it (the mapping keeps it alive). Returns the bytes spilled."""
+    return _spill(model, path, min_bytes, anonymous_only=True)
+
+
+def _spill(module: torch.nn.Module, path: Path, min_bytes: int, anonymous_only: bool) -> int:
+    """Save the chosen float parameters to `path`, point them at its memory map, unlink it.
+    Without `anonymous_only`, parameters already in a file mapping move too, and both the old
+    and the new pages are released (the block-by-block spill)."""
     if _libc is None:
         return 0
     chosen = {
         name: p
-        for name, p in model.named_parameters()  # tied weights appear once
+        for name, p in module.named_parameters()  # tied weights appear once
         if p.device.type == "cpu" and p.is_floating_point() and p.numel() * p.element_size() >= min_bytes
-        and _file_mapping(p.data_ptr()) is None
+        and not (anonymous_only and _file_mapping(p.data_ptr()) is not None)
     }
     if not chosen:
         return 0
@@ -129,10 +114,14 @@ def spill_float_weights(model: torch.nn.Module, path: Path, min_bytes: int = 1 <
     torch.save({name: p.detach() for name, p in chosen.items()}, path)
     mapped = torch.load(path, mmap=True, weights_only=True)
     for name, p in chosen.items():
-        p.data = mapped[name]
+        old, p.data = p.data, mapped[name]
+        if not anonymous_only:
+            release_file_pages(old)  # the rewritten private pages of the source file's mapping
+            release_file_pages(p.data)
+        del old
     try:
         path.unlink()
     except OSError:
         log.debug("kept %s: it cannot be removed while mapped", path)
-    trim_heap()
+    trim_heap()  # the rewritten copies that lived in anonymous memory
     return sum(p.numel() * p.element_size() for p in chosen.values())
