@@ -7,7 +7,7 @@ from importlib.metadata import version
 from fastapi import FastAPI
 
 from app import errors
-from app.api.routes import datasets, health, jobs, models, presets
+from app.api.routes import artifacts, datasets, health, jobs, models, presets
 
 
 def create_app() -> FastAPI:
@@ -19,6 +19,7 @@ def create_app() -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(artifacts.router)
     app.include_router(datasets.router)
     app.include_router(models.router)
     app.include_router(presets.router)

@@ -106,6 +106,9 @@ class Job(Base):
     artifact_path: Mapped[str | None] = mapped_column(String(1024))  # relative to Settings.artifact_dir
     artifact_sha256: Mapped[str | None] = mapped_column(String(64))
     artifact_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # Set when the job's artifacts were removed from the store (the row and report stay).
+    artifacts_deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    artifacts_deleted_reason: Mapped[str | None] = mapped_column(String(32))  # "request" or "retention"
 
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)

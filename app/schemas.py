@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from app.core.config import Settings, get_settings
 from app.models import Dataset, DatasetFormat, DatasetKind, Job, JobStatus, ModelFormat, UploadedModel
 
 
@@ -43,21 +44,26 @@ class JobOut(BaseModel):
     finished_at: dt.datetime | None
     updated_at: dt.datetime
     heartbeat_at: dt.datetime | None
+    artifacts_expire_at: dt.datetime | None = Field(
+        None, description="when the retention setting deletes the artifacts; null: kept until deleted"
+    )
+    artifacts_deleted_at: dt.datetime | None = Field(None, description="when the artifacts were deleted from the store")
+    artifacts_deleted_reason: str | None = Field(None, description="request (DELETE) or retention")
 
     @classmethod
-    def from_row(cls, job: Job) -> JobOut:
-        artifact, artifacts = None, []
-        if job.artifact_path and job.artifact_sha256 and job.artifact_bytes is not None:
-            exported = [a for a in (job.report or {}).get("artifacts", []) if "file" in a]
-            main_format = exported[0]["format"] if exported else None
-            artifact = ArtifactInfo(
-                url=f"/v1/jobs/{job.id}/artifact", sha256=job.artifact_sha256, bytes=job.artifact_bytes, format=main_format
-            )
-            artifacts = [
-                ArtifactInfo(url=f"/v1/jobs/{job.id}/artifact?format={a['format']}", sha256=a["sha256"], bytes=a["bytes"],
-                             format=a["format"])
-                for a in exported
-            ] or [artifact]
+    def from_row(cls, job: Job, settings: Settings | None = None) -> JobOut:
+        from app.artifacts import expires_at, job_artifacts
+
+        stored = job_artifacts(job)
+        artifacts = [
+            ArtifactInfo(url=f"/v1/jobs/{job.id}/artifact" + (f"?format={a.format}" if a.format else ""),
+                         sha256=a.sha256, bytes=a.bytes, format=a.format)
+            for a in stored
+        ]
+        if stored:  # the main one's plain url (no ?format=)
+            artifact = artifacts[0].model_copy(update={"url": f"/v1/jobs/{job.id}/artifact"})
+        else:
+            artifact = None
         return cls(
             id=job.id,
             status=job.status,
@@ -81,7 +87,23 @@ class JobOut(BaseModel):
             finished_at=job.finished_at,
             updated_at=job.updated_at,
             heartbeat_at=job.heartbeat_at,
+            artifacts_expire_at=expires_at(job, settings or get_settings()),
+            artifacts_deleted_at=job.artifacts_deleted_at,
+            artifacts_deleted_reason=job.artifacts_deleted_reason,
         )
+
+
+class ArtifactLinkRequest(BaseModel):
+    format: str | None = Field(None, description="an exported format (the report's `artifacts`); default: the main one")
+    expires_in: int = Field(3600, ge=1, description="seconds the link works; at most the service's artifact_link_max_seconds")
+
+
+class ArtifactLink(BaseModel):
+    url: str = Field(description="downloads the artifact with no credentials until it expires")
+    expires_at: dt.datetime
+    format: str | None
+    sha256: str
+    bytes: int
 
 
 class JobPage(BaseModel):

@@ -40,6 +40,14 @@ SERVICE_ENV = (
     "QFORGE_ALLOW_LOCAL_MODEL_PATHS",
     "QFORGE_MAX_UPLOAD_BYTES",
     "QFORGE_MAX_DATASET_SAMPLES",
+    "QFORGE_ARTIFACT_URL",
+    "QFORGE_S3_ENDPOINT_URL",
+    "QFORGE_S3_REGION",
+    "QFORGE_S3_PUBLIC_ENDPOINT_URL",
+    "QFORGE_ARTIFACT_LINKS",
+    "QFORGE_ARTIFACT_LINK_MAX_SECONDS",
+    "QFORGE_ARTIFACT_RETENTION_DAYS",
+    "QFORGE_SIGNING_KEY",
 )
 
 
@@ -65,3 +73,34 @@ def settings(tmp_path, monkeypatch, service_env):
     yield get_settings()
     dispose_engines()
     get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API over HTTP on a local port (moto's server), for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> dict[str, str]:
+    """QFORGE_* settings for an artifact store in a fresh bucket of the local S3 server."""
+    import uuid
+
+    import boto3
+
+    # credentials the local server accepts; never a real account's
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "qforge-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "qforge-test-secret")
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    bucket = f"qforge-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return {"QFORGE_ARTIFACT_URL": f"s3://{bucket}/artifacts", "QFORGE_S3_ENDPOINT_URL": s3_server, "QFORGE_S3_REGION": "us-east-1"}

@@ -17,6 +17,7 @@ from celery import Celery, signals
 from kombu.utils.url import maybe_sanitize_url
 
 from app.core.config import Settings, get_settings
+from worker.janitor import ArtifactJanitor
 from worker.reaper import JobReaper
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def create_celery(settings: Settings) -> Celery:
         task_publish_retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 2},
     )
     app.steps["worker"].add(JobReaper)
+    app.steps["worker"].add(ArtifactJanitor)
     return app
 
 
@@ -77,6 +79,9 @@ def _prepare_worker(**_) -> None:
     migrate()
     dispose_engines()  # the pool processes open their own connections
     settings.work_dir.mkdir(parents=True, exist_ok=True)
+    from app.artifact_store import store_for
+
+    store_for(settings).prepare()  # a bucket that is missing is created; an unreachable store stops the worker here
     # Imported once here so each pool process forks with torch and transformers loaded,
     # instead of importing them again for every job.
     import quantcore.job  # noqa: F401
@@ -87,6 +92,9 @@ def _prepare_pool_process(**_) -> None:
     from app.core.db import dispose_engines
 
     dispose_engines(close=False)  # connections inherited through fork belong to the parent
+    from app.artifact_store import forget_stores
+
+    forget_stores()  # likewise the object store's
     if "OMP_NUM_THREADS" not in os.environ:
         import torch
 

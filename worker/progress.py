@@ -36,6 +36,7 @@ class ProgressReporter:
         self.attempt = attempt
         self.heartbeat_interval_s = heartbeat_interval_s
         self._stage: str | None = None
+        self._position: tuple[str, int, int] = ("load", 0, 0)
         self._last_write = 0.0
         self._lost = threading.Event()
         self._stop = threading.Event()
@@ -53,12 +54,20 @@ class ProgressReporter:
         if self._lost.is_set():
             raise state.LostClaim(f"job {self.job_id}: attempt {self.attempt} was taken over")
         now = time.monotonic()
+        self._position = (stage, current, total)
         if stage == self._stage and now - self._last_write < MIN_WRITE_INTERVAL_S:
             return
         self._stage, self._last_write = stage, now
         percent = overall_percent(stage, current, total)
         if state.record_progress(self.job_id, self.attempt, stage, current, total, percent, message):
             raise JobCancelled(f"job {self.job_id} cancelled by request")
+
+    def note(self, message: str) -> None:
+        """Show a message at the current position (a step after quantcore's last report,
+        such as an upload), written now; a cancellation still stops the job here."""
+        stage, current, total = self._position
+        self._stage = None  # written whatever the throttle says
+        self(stage, current, total, message)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_interval_s):

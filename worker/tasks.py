@@ -10,6 +10,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from app.artifact_store import ArtifactStoreError, store_for
 from app.core.config import Settings, get_settings
 from worker import state
 from worker.celery_app import RUN_JOB_TASK, celery_app
@@ -36,12 +37,21 @@ def artifact_file(job_id: str, fmt: str, main: bool) -> str:
     return f"{job_id}.tar" if main else f"{job_id}.{fmt}.tar"
 
 
-def _archives(settings: Settings, job_id: str) -> list[Path]:
-    """Every archive of the job that may exist (the export formats a request can name)."""
+def _archive_names(job_id: str) -> list[str]:
+    """Every archive name the job may have in the store (the export formats a request can name)."""
     from quantcore.job import ExportFormat
 
-    names = {artifact_file(job_id, fmt, main) for fmt in ExportFormat.__args__ for main in (True, False)}
-    return [settings.artifact_dir / name for name in sorted(names)]
+    return sorted({artifact_file(job_id, fmt, main) for fmt in ExportFormat.__args__ for main in (True, False)})
+
+
+def _discard_archives(settings: Settings, job_id: str) -> None:
+    """What this or an earlier attempt of a job that did not succeed left in the store."""
+    store = store_for(settings)
+    for name in _archive_names(job_id):
+        try:
+            store.delete(name)
+        except ArtifactStoreError:  # the job's outcome matters more; the file is unlisted anyway
+            log.exception("job %s: could not remove %s from the artifact store", job_id, name)
 
 
 def execute(job_id: str, attempt: int, request_data: dict, settings: Settings) -> None:
@@ -77,22 +87,24 @@ def _run_and_record(job_id: str, attempt: int, request_data: dict, settings: Set
                 report = quantcore.job.run_job(request, work, progress, allow_local_paths=local)
             # one archive per exported format; the report says which file, sha256 and size each is
             artifacts = report.setdefault("artifacts", [{"format": "qforge", "folder": "artifact"}])
+            store = store_for(settings)
             for index, artifact in enumerate(artifacts):
-                archive = settings.artifact_dir / artifact_file(job_id, artifact["format"], main=index == 0)
-                artifact.update(file=archive.name, **archive_artifact(work / artifact["folder"], archive))
+                name = artifact_file(job_id, artifact["format"], main=index == 0)
+                archive = work / "archives" / name
+                artifact.update(file=name, **archive_artifact(work / artifact["folder"], archive))
+                progress.note(f"storing {name} ({artifact['bytes']} bytes) in the artifact store")
+                store.put(name, archive)  # whole or not at all; the heartbeat goes on meanwhile
         main = artifacts[0]
         state.succeed(job_id, attempt, report, main["file"], main["sha256"], main["bytes"])
         log.info("job %s: succeeded; artifacts %s", job_id, ", ".join(f"{a['file']} ({a['bytes']} bytes)" for a in artifacts))
     except state.LostClaim:
         raise
     except JobCancelled:
-        for archive in _archives(settings, job_id):
-            _remove(archive)
+        _discard_archives(settings, job_id)
         state.cancel(job_id, attempt)
         log.info("job %s: cancelled", job_id)
     except Exception as exc:
-        for archive in _archives(settings, job_id):
-            _remove(archive)
+        _discard_archives(settings, job_id)
         state.fail(job_id, attempt, failure_reason(exc))
         log.warning("job %s: failed: %s", job_id, failure_reason(exc), exc_info=True)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,6 +38,42 @@ class Settings(BaseSettings):
         256 * 2**20, ge=1, description="largest dataset or model file accepted (and largest an .npz may unpack to)"
     )
     max_dataset_samples: int = Field(1_000_000, ge=1, description="most samples one uploaded dataset may hold")
+
+    # Where finished artifacts are kept (app.artifact_store). The worker always builds them
+    # in work_dir first; the store only ever receives whole files.
+    artifact_url: str = Field(
+        "", description="empty: the artifact_dir folder; s3://bucket[/prefix]: an S3-compatible object store"
+    )
+    s3_endpoint_url: str | None = Field(None, description="an S3-compatible server (MinIO, Ceph); empty: AWS")
+    s3_region: str | None = Field(None, description="the bucket's region; empty: the AWS configuration's")
+    s3_public_endpoint_url: str | None = Field(
+        None, description="the store's address as clients reach it, for signed links (when it differs from s3_endpoint_url)"
+    )
+    artifact_links: Literal["store", "api"] = Field(
+        "store",
+        description="signed download links: 'store' hands out the object store's own (S3 presigned) links where it "
+        "has them, 'api' always links to this API, which streams the file",
+    )
+    artifact_link_max_seconds: int = Field(
+        7 * 24 * 3600, ge=1, le=7 * 24 * 3600, description="longest lifetime a signed link may be given (S3 allows 7 days)"
+    )
+    artifact_retention_days: float | None = Field(
+        None, gt=0, description="delete a job's artifacts this long after it finished; empty: keep until deleted"
+    )
+    artifact_sweep_interval_s: float = Field(
+        3600.0, gt=0, description="how often a worker deletes expired artifacts and abandoned uploads"
+    )
+    signing_key: SecretStr | None = Field(
+        None, description="key of the API's signed links; empty: one generated once and kept in <data_dir>/signing.key"
+    )
+
+    @field_validator("artifact_url")
+    @classmethod
+    def _known_store(cls, url: str) -> str:
+        url = url.strip()
+        if url and not (url.startswith("s3://") and url.removeprefix("s3://").split("/", 1)[0]):
+            raise ValueError(f"artifact_url '{url}': leave it empty for the artifact folder, or give s3://bucket[/prefix]")
+        return url
 
     @model_validator(mode="before")
     @classmethod

@@ -26,3 +26,15 @@ def test_uploads_migration_downgrades_and_upgrades(settings):
         checks = {c["name"] for c in inspect(connection).get_check_constraints("datasets")}
     assert {"datasets", "uploaded_models"} <= tables
     assert checks == {"ck_datasets_dataset_format", "ck_datasets_dataset_kind"}
+
+
+def test_artifact_deletion_migration_downgrades_and_upgrades(settings):
+    config = _alembic_config(settings.database_url)
+    command.downgrade(config, "0002")
+    with get_engine().connect() as connection:
+        columns = {c["name"] for c in inspect(connection).get_columns("jobs")}
+    assert "artifacts_deleted_at" not in columns and "artifact_path" in columns
+    command.upgrade(config, "head")
+    with get_engine().connect() as connection:
+        columns = {c["name"] for c in inspect(connection).get_columns("jobs")}
+    assert {"artifacts_deleted_at", "artifacts_deleted_reason"} <= columns

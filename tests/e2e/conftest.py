@@ -18,7 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-SERVICE_ENV = ("QFORGE_DATABASE_URL", "QFORGE_BROKER_URL", "QFORGE_ARTIFACT_DIR", "QFORGE_HOST", "QFORGE_PORT")
+SERVICE_ENV = (
+    "QFORGE_DATABASE_URL", "QFORGE_BROKER_URL", "QFORGE_ARTIFACT_DIR", "QFORGE_ARTIFACT_URL", "QFORGE_S3_ENDPOINT_URL",
+    "QFORGE_HOST", "QFORGE_PORT",
+)
 INSTALL_HINT = "install them with `apt-get install -y postgresql redis-server` (scripts/test.sh does this as root)"
 
 

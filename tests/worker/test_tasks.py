@@ -131,3 +131,60 @@ def test_a_finished_job_shows_all_steps_done_even_when_progress_was_throttled(ru
     job = load_job(run(throttled))
     assert job.status == JobStatus.SUCCEEDED
     assert (job.progress_stage, job.progress_current, job.progress_total) == ("export", 3, 3)
+
+
+@pytest.fixture
+def s3_settings(settings, s3_env, monkeypatch):
+    """The worker's settings with the artifacts in a bucket of a local S3 server."""
+    from app.core.config import get_settings
+
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    return get_settings()
+
+
+def _bucket_objects(settings) -> dict[str, bytes]:
+    from app.artifact_store import store_for
+
+    store = store_for(settings)
+    listing = store.client.list_objects_v2(Bucket=store.bucket).get("Contents", [])
+    return {o["Key"].removeprefix(store.prefix): b"".join(store.read(o["Key"].removeprefix(store.prefix))) for o in listing}
+
+
+def test_with_an_s3_store_each_archive_lands_in_the_bucket(run, load_job, s3_settings):
+    job = load_job(run(fake_run_job(formats=("qforge", "gguf"))))
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    stored = _bucket_objects(s3_settings)
+    assert sorted(stored) == sorted(a["file"] for a in job.report["artifacts"])
+    for artifact in job.report["artifacts"]:
+        data = stored[artifact["file"]]
+        assert (hashlib.sha256(data).hexdigest(), len(data)) == (artifact["sha256"], artifact["bytes"])
+    assert not list(s3_settings.artifact_dir.glob("*.tar"))  # nothing kept on the worker's disk
+    assert not (s3_settings.work_dir / job.id).exists()
+    assert job.progress_message == "done"
+
+
+def test_with_an_s3_store_a_failed_job_leaves_nothing_in_the_bucket(run, new_job, load_job, s3_settings, tmp_path):
+    from app.artifact_store import store_for
+
+    job_id = new_job()
+    stale = tmp_path / "stale.tar"
+    stale.write_bytes(b"an earlier, lost attempt's archive")
+    store_for(s3_settings).put(f"{job_id}.tar", stale)
+    job = load_job(run(fake_run_job(fail=ValueError("bad group size")), job_id))
+    assert job.status == JobStatus.FAILED
+    assert _bucket_objects(s3_settings) == {}
+
+
+def test_an_unreachable_store_fails_the_job_with_the_reason(run, load_job, settings, monkeypatch):
+    from app.core.config import get_settings
+
+    monkeypatch.setenv("QFORGE_ARTIFACT_URL", "s3://qforge-artifacts")
+    monkeypatch.setenv("QFORGE_S3_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    get_settings.cache_clear()
+    job = load_job(run(fake_run_job()))
+    assert job.status == JobStatus.FAILED
+    assert job.error.startswith("ArtifactStoreError: could not upload s3://qforge-artifacts/")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app import queue
+from app.artifact_store import store_for
+from app.core.config import get_settings
 from app.core.db import schema_is_current
 from app.errors import Problem
 from app.schemas import Health
@@ -20,8 +22,13 @@ def healthz() -> Health:
 
 @router.get("/readyz", response_model=Health)
 def readyz() -> Health:
-    """Ready to take jobs: the database answers at the current schema and the broker answers."""
-    checks = {"database": _check(_database), "broker": _check(queue.check_broker)}
+    """Ready to take jobs: the database answers at the current schema, the broker answers,
+    and the artifact store (folder or bucket) exists."""
+    checks = {
+        "database": _check(_database),
+        "broker": _check(queue.check_broker),
+        "artifact_store": _check(lambda: store_for(get_settings()).check()),
+    }
     failing = {name: result for name, result in checks.items() if result != "ok"}
     if failing:
         detail = "; ".join(f"{name}: {result}" for name, result in failing.items())

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 from sse_starlette import EventSourceResponse
 
-from app import crud, jobs
+from app import artifacts, crud, jobs
+from app.artifact_store import ArtifactStoreError, store_for
 from app.api.deps import JobDep, SessionDep, SettingsDep
-from app.errors import Problem
+from app.errors import Problem, validation_problem
 from app.events import job_events
 from app.models import JobStatus
-from app.schemas import JobOut, JobPage
+from app.schemas import ArtifactLink, ArtifactLinkRequest, JobOut, JobPage
 from quantcore.classic_job import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -31,23 +32,24 @@ def submit_job(
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
-    return JobOut.from_row(job)
+    return JobOut.from_row(job, settings)
 
 
 @router.get("", response_model=JobPage)
 def list_jobs(
     session: SessionDep,
+    settings: SettingsDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> JobPage:
     items, total = crud.list_jobs(session, status, limit, offset)
-    return JobPage(items=[JobOut.from_row(j) for j in items], total=total, limit=limit, offset=offset)
+    return JobPage(items=[JobOut.from_row(j, settings) for j in items], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job: JobDep) -> JobOut:
-    return JobOut.from_row(job)
+def get_job(job: JobDep, settings: SettingsDep) -> JobOut:
+    return JobOut.from_row(job, settings)
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse)
@@ -67,37 +69,44 @@ def get_report(job: JobDep) -> dict[str, Any]:
 def download_artifact(
     job: JobDep,
     settings: SettingsDep,
+    range: Annotated[str | None, Header(description="bytes=first-last, to resume or fetch part of the file")] = None,
     format: Annotated[str | None, Query(description="an exported format (the report's `artifacts`); default: the job's main one")] = None,
-) -> FileResponse:
+) -> Response:
+    """The artifact as a tar, streamed; `X-Checksum-SHA256` is its sha256 (the whole file's)."""
+    return artifacts.artifact_response(store_for(settings), artifacts.find_artifact(job, format), range)
+
+
+@router.post("/{job_id}/artifact/link", response_model=ArtifactLink)
+def link_artifact(job: JobDep, settings: SettingsDep, request: Request, body: ArtifactLinkRequest | None = None) -> ArtifactLink:
+    """A time-limited download link that needs no credentials, to hand to a deployment."""
+    body = body or ArtifactLinkRequest()
+    if body.expires_in > settings.artifact_link_max_seconds:
+        message = f"links last at most {settings.artifact_link_max_seconds} seconds here"
+        raise validation_problem([{"loc": ["body", "expires_in"], "msg": message, "type": "less_than_equal"}])
+    artifact = artifacts.find_artifact(job, body.format)
+    url, expires_at = artifacts.signed_link(settings, artifact, body.expires_in, str(request.base_url))
+    return ArtifactLink(url=url, expires_at=expires_at, format=artifact.format, sha256=artifact.sha256, bytes=artifact.bytes)
+
+
+@router.delete("/{job_id}/artifacts", response_model=JobOut)
+def delete_artifacts(job: JobDep, session: SessionDep, settings: SettingsDep) -> JobOut:
+    """Delete every artifact of a finished job from the store; the job and its report stay.
+    Repeating it is harmless."""
     jobs.require_status(job, JobStatus.SUCCEEDED, "artifact")
-    assert job.artifact_path and job.artifact_sha256  # set together with status succeeded
-    name, sha256, fmt = job.artifact_path, job.artifact_sha256, None
-    if format is not None:
-        exported = {a["format"]: a for a in (job.report or {}).get("artifacts", []) if "file" in a}
-        if format not in exported:
-            choices = ", ".join(exported) or "none"
-            detail = f"job {job.id} has no '{format}' artifact; its formats: {choices}"
-            raise Problem(404, "artifact-format-not-exported", "No artifact in that format", detail)
-        name, sha256, fmt = exported[format]["file"], exported[format]["sha256"], format
-    path = settings.artifact_dir / name
-    if not path.is_file():
-        detail = f"the artifact of job {job.id} is no longer in the artifact store"
-        raise Problem(410, "artifact-gone", "Artifact gone", detail)
-    # FileResponse streams the file and answers Range requests (206, 416) itself.
-    return FileResponse(
-        path,
-        media_type="application/x-tar",
-        filename=f"qforge-{job.id}.tar" if fmt is None else f"qforge-{job.id}-{fmt}.tar",
-        headers={"X-Checksum-SHA256": sha256},
-    )
+    try:
+        artifacts.delete_artifacts(session, job, store_for(settings), "request")
+    except ArtifactStoreError as exc:
+        raise Problem(503, "artifact-store-unavailable", "Artifact store unavailable", str(exc)) from None
+    session.refresh(job)
+    return JobOut.from_row(job, settings)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job: JobDep, session: SessionDep, response: Response) -> JobOut:
+def cancel_job(job: JobDep, session: SessionDep, settings: SettingsDep, response: Response) -> JobOut:
     """A queued job is cancelled at once (200); a running one stops at its worker's next
     progress report (202, `cancel_requested` set)."""
     job, was_running = jobs.cancel(session, job)
     # 202 for a running job even when its worker has stopped by now: the answer describes
     # what the request did, not a race with the worker
     response.status_code = 202 if was_running else 200
-    return JobOut.from_row(job)
+    return JobOut.from_row(job, settings)

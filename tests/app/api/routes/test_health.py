@@ -8,10 +8,10 @@ def test_healthz(client):
     assert client.get("/healthz").json() == {"status": "ok", "checks": {}}
 
 
-def test_readyz_checks_database_and_broker(client):
+def test_readyz_checks_database_broker_and_artifact_store(client):
     response = client.get("/readyz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
+    assert response.json() == {"status": "ok", "checks": {"database": "ok", "broker": "ok", "artifact_store": "ok"}}
 
 
 def test_readyz_is_503_when_the_schema_is_behind(client):
