@@ -44,7 +44,10 @@ class StoredArtifact:
 
     @property
     def download_name(self) -> str:
-        return f"qforge-{self.job_id}.tar" if self.format is None else f"qforge-{self.job_id}-{self.format}.tar"
+        """qforge-<job id>.tar for the main artifact (however it was asked for), else
+        qforge-<job id>-<format>.tar."""
+        main = self.format is None or self.file == f"{self.job_id}.tar"
+        return f"qforge-{self.job_id}.tar" if main else f"qforge-{self.job_id}-{self.format}.tar"
 
 
 def job_artifacts(job: Job) -> list[StoredArtifact]:

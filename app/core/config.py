@@ -18,8 +18,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    # extra="ignore": other QFORGE_* variables (e.g. quantcore's QFORGE_CACHE_DIR) share the prefix.
-    model_config = SettingsConfigDict(env_prefix="QFORGE_", extra="ignore")
+    # extra="ignore": other QFORGE_* variables (e.g. quantcore's QFORGE_CACHE_DIR) share the prefix;
+    # env_ignore_empty: `VAR=` (as docker compose passes an unset ${VAR:-}) means "use the default".
+    model_config = SettingsConfigDict(env_prefix="QFORGE_", extra="ignore", env_ignore_empty=True)
 
     data_dir: Path = Field(Path(".qforge"), description="root of the embedded database, broker and artifacts")
     # The next three default to files under data_dir (filled in by _embedded_defaults).
