@@ -104,3 +104,13 @@ def s3_env(s3_server, monkeypatch) -> dict[str, str]:
     bucket = f"qforge-{uuid.uuid4().hex[:16]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     return {"QFORGE_ARTIFACT_URL": f"s3://{bucket}/artifacts", "QFORGE_S3_ENDPOINT_URL": s3_server, "QFORGE_S3_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A local port nothing listens on (bound and released: connecting is refused)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -153,26 +153,11 @@ def test_a_missing_bucket_is_reported_then_created_by_prepare(s3_server, s3_env)
     store.check()
 
 
-def test_an_unreachable_store_raises_a_readable_error(s3_env):
-    with socket_closed_port() as port:
-        store = S3Store("bucket", "", f"http://127.0.0.1:{port}", "us-east-1")
-        store.client.meta.config.retries = {"max_attempts": 1}
-        with pytest.raises(ArtifactStoreError, match="could not reach bucket 'bucket'"):
-            store.check()
+def test_an_unreachable_store_raises_a_readable_error(s3_env, closed_port):
+    store = S3Store("bucket", "", f"http://127.0.0.1:{closed_port}", "us-east-1")
+    with pytest.raises(ArtifactStoreError, match="could not reach bucket 'bucket'"):
+        store.check()
 
-
-class socket_closed_port:
-    """A local port nothing listens on."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 def test_folder_store_sweeps_only_old_partial_files(tmp_path):

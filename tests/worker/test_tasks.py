@@ -177,11 +177,11 @@ def test_with_an_s3_store_a_failed_job_leaves_nothing_in_the_bucket(run, new_job
     assert _bucket_objects(s3_settings) == {}
 
 
-def test_an_unreachable_store_fails_the_job_with_the_reason(run, load_job, settings, monkeypatch):
+def test_an_unreachable_store_fails_the_job_with_the_reason(run, load_job, settings, monkeypatch, closed_port):
     from app.core.config import get_settings
 
     monkeypatch.setenv("QFORGE_ARTIFACT_URL", "s3://qforge-artifacts")
-    monkeypatch.setenv("QFORGE_S3_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("QFORGE_S3_ENDPOINT_URL", f"http://127.0.0.1:{closed_port}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     get_settings.cache_clear()

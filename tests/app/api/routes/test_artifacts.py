@@ -172,29 +172,15 @@ def test_retention_deletes_only_artifacts_past_their_time(client, finished_job, 
 
 
 @pytest.mark.parametrize("service_env", ["s3"], indirect=True)
-def test_an_unreachable_store_is_a_503_and_not_ready(client, finished_job, monkeypatch):
+def test_an_unreachable_store_is_a_503_and_not_ready(client, finished_job, monkeypatch, closed_port):
     from app.core.config import get_settings
 
     job_id, _ = finished_job()
-    with closed_port() as port:
-        monkeypatch.setenv("QFORGE_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")  # the store went away
-        get_settings.cache_clear()
-        response = client.get(f"/v1/jobs/{job_id}/artifact")
-        assert response.status_code == 503 and response.json()["type"] == PROBLEM + "artifact-store-unavailable"
-        assert "could not look up s3://" in response.json()["detail"]
-        ready = client.get("/readyz")
-        assert ready.status_code == 503 and "could not reach bucket" in ready.json()["checks"]["artifact_store"]
+    monkeypatch.setenv("QFORGE_S3_ENDPOINT_URL", f"http://127.0.0.1:{closed_port}")  # the store went away
+    get_settings.cache_clear()
+    response = client.get(f"/v1/jobs/{job_id}/artifact")
+    assert response.status_code == 503 and response.json()["type"] == PROBLEM + "artifact-store-unavailable"
+    assert "could not look up s3://" in response.json()["detail"]
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and "could not reach bucket" in ready.json()["checks"]["artifact_store"]
 
-
-class closed_port:
-    """A local port nothing listens on."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
-
-    def __exit__(self, *exc) -> None:
-        return None
