@@ -14,7 +14,13 @@ Columns: the job's own perplexity, the reloaded one and their relative differenc
 artifact folder's bytes and its quantized linear layers' bytes against fp16; load seconds
 (reading the files up to a model that has run one token); peak RSS of the reload process.
 
-    python bench/export.py [--presets w4a16-gptq-g64,w8a8-smoothquant] [--tokens 16384] [--results bench/RESULTS.md]
+With `--llama-perplexity PATH` (llama.cpp's `llama-perplexity` program, built from source:
+no wheel ships it) each GGUF file is also run by llama.cpp itself, on the same evaluation
+text, beside the source model's own GGUF file. llama.cpp scores the second half of each
+512-token window, so its figures compare with each other, not with the columns before.
+
+    python bench/export.py [--presets w4a16-gptq-g64,w8a8-smoothquant] [--tokens 16384]
+        [--llama-perplexity PATH] [--results bench/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -82,6 +88,32 @@ def reload(fmt: str, location: str, tokens: int) -> dict:
     return {"load_s": load_s, "perplexity": ppl, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def evaluation_text(tokens: int, dest: Path) -> Path:
+    """The DESIGN.md evaluation tokens (the first `tokens` of them), as text for llama.cpp."""
+    from transformers import AutoTokenizer
+
+    from quantcore.eval.data import split_tokens, tokenize_benchmark
+    from quantcore.models import resolve_model_ref
+
+    source = resolve_model_ref(SMOLLM2, allow_local_paths=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(source.path), gguf_file=source.gguf_file)
+    evaluation = split_tokens(tokenize_benchmark(tokenizer))[1][:tokens]
+    dest.write_text(tokenizer.decode(evaluation))
+    return dest
+
+
+def llama_cpp_perplexity(program: str, gguf_file: Path, text: Path) -> float:
+    """llama.cpp's own perplexity of a GGUF file (512-token windows, 2 threads)."""
+    import re
+
+    run = subprocess.run([program, "-m", str(gguf_file), "-f", str(text), "-c", "512", "-b", "512", "-t", "2"],
+                         capture_output=True, text=True)
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", run.stdout + run.stderr)
+    if run.returncode != 0 or found is None:
+        raise SystemExit(f"llama-perplexity failed on {gguf_file}:\n{(run.stdout + run.stderr)[-3000:]}")
+    return float(found.group(1))
+
+
 def _child(args: list[str], out: Path) -> dict:
     subprocess.run([sys.executable, __file__, *args, "--out", str(out)], check=True)
     return json.loads(out.read_text())
@@ -93,6 +125,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (DESIGN.md: 16384)")
     parser.add_argument("--results", type=Path, help="also write the table into this markdown file")
     parser.add_argument("--section", default="Export: artifacts reloaded by their readers")
+    parser.add_argument("--llama-perplexity", help="llama.cpp's llama-perplexity program: also run each GGUF file there")
     parser.add_argument("--quantize", help=argparse.SUPPRESS)
     parser.add_argument("--reload", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -108,7 +141,16 @@ def main() -> int:
 
     header = run_header(SEED, model=SMOLLM2, calibration="128 x 512 tokens", evaluation_tokens=args.tokens)
     print("\n".join(header), flush=True)
-    rows = []
+    rows: list[dict] = []
+    llama_reference = None
+    if args.llama_perplexity:
+        from quantcore.models import resolve_model_ref
+
+        text = evaluation_text(args.tokens, Path(tempfile.mkdtemp()) / "evaluation.txt")
+        source = resolve_model_ref(SMOLLM2, allow_local_paths=False)
+        source_gguf = source.path / source.gguf_file
+        llama_reference = llama_cpp_perplexity(args.llama_perplexity, source_gguf, text)
+        print(f"llama.cpp perplexity of the source GGUF ({source_gguf.name}): {llama_reference:.3f}", flush=True)
     for preset in args.presets.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             job = _child(["--quantize", preset, "--tokens", str(args.tokens)], Path(tmp) / "job.json")
@@ -123,32 +165,41 @@ def main() -> int:
                        "bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
                        "linear_ratio": artifact["sizes"].get("linear", {}).get("ratio_to_float16"),
                        "requantized": len(artifact.get("gguf", {}).get("requantized_layers", []))}
+                if llama_reference is not None and "gguf" in artifact:
+                    row["llama_cpp"] = llama_cpp_perplexity(args.llama_perplexity, location, text)
+                    row["llama_reference"] = llama_reference
                 rows.append(row)
                 print(f"{preset} {fmt}: job ppl {job['report_perplexity']:.3f}, reloaded {row['perplexity']:.3f}, "
                       f"load {row['load_s']:.1f} s, {row['bytes'] / 1e6:.1f} MB", flush=True)
                 if args.results:  # after every row: an interrupted run keeps what it measured
-                    write_section(args.results, args.section, header, _table(rows), " ".join(["python"] + sys.argv))
-    print("\n" + _table(rows))
+                    write_section(args.results, args.section, header, _table(rows, llama_reference),
+                                  " ".join(["python"] + sys.argv))
+    print("\n" + _table(rows, llama_reference))
     return 0
 
 
-def _table(rows: list[dict]) -> str:
+def _table(rows: list[dict], llama_reference: float | None = None) -> str:
     lines = []
     if rows:
         lines.append(f"SmolLM2-135M fp32 perplexity: {rows[0]['job']['baseline_perplexity']:.3f}")
+    if llama_reference is not None:
+        lines.append("")
+        lines.append(f"llama.cpp perplexity of the source model's GGUF file (Q4_1, what qforge dequantizes to fp32): "
+                     f"{llama_reference:.3f}")
     lines += [
         "",
-        "| preset | format | job ppl | reloaded ppl | vs job | vs fp32 | artifact MB | linear bytes / fp16 | load s | reload peak RSS GB | target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | format | job ppl | reloaded ppl | vs job | vs fp32 | artifact MB | linear bytes / fp16 | load s | reload peak RSS GB | llama.cpp ppl | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         job_ppl, fp32 = r["job"]["report_perplexity"], r["job"]["baseline_perplexity"]
         fmt = r["format"] + (f" ({r['requantized']} layers requantized)" if r.get("requantized") else "")
         ratio = "–" if r["linear_ratio"] is None else f"{r['linear_ratio']:.4f}"
+        llama = f"{r['llama_cpp']:.3f}" if "llama_cpp" in r else "–"
         lines.append(
             f"| {r['preset']} | {fmt} | {job_ppl:.3f} | {r['perplexity']:.3f} | {(r['perplexity'] / job_ppl - 1) * 100:+.3f} % | "
             f"{(r['perplexity'] / fp32 - 1) * 100:+.2f} % | {r['bytes'] / 1e6:.1f} | {ratio} | {r['load_s']:.1f} | "
-            f"{r['peak_rss'] / 1e9:.2f} | {TARGETS.get(r['format'], '')} |"
+            f"{r['peak_rss'] / 1e9:.2f} | {llama} | {TARGETS.get(r['format'], '')} |"
         )
     return "\n".join(lines)
 
