@@ -30,7 +30,7 @@ from safetensors.torch import save_model as st_save_model
 from torch import nn
 
 from quantcore.modules.low_rank import LowRankQuantizedLinear
-from quantcore.modules.quantized_linear import QuantizedLinear
+from quantcore.modules.quantized_linear import QuantizedLinear, enable_fast_path
 from quantcore.schemes import QuantScheme
 from quantcore.targets import set_module
 
@@ -174,8 +174,10 @@ def _model_skeleton(folder: Path, quantization: dict) -> nn.Module:
     return cls(config)
 
 
-def load_quantized(path: str | Path, verify: bool = True) -> QuantizedModel:
-    """Rebuild the quantized model (eval mode, CPU) and its tokenizer from an artifact folder."""
+def load_quantized(path: str | Path, verify: bool = True, fast_path: bool = True) -> QuantizedModel:
+    """Rebuild the quantized model (eval mode, CPU) and its tokenizer from an artifact folder.
+    `fast_path`: layers take the fastest CPU path that reproduces the reference's numbers
+    (`quantcore.modules.enable_fast_path`); False keeps every layer on the reference."""
     folder = Path(path)
     if (folder / "quantization.json").is_file() is False:
         inner = [p for p in folder.iterdir() if (p / "quantization.json").is_file()] if folder.is_dir() else []
@@ -198,6 +200,8 @@ def load_quantized(path: str | Path, verify: bool = True) -> QuantizedModel:
     if unexpected or [k for k in missing if not _is_tied(model, k)]:
         raise ArtifactError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.eval()
+    if fast_path:
+        enable_fast_path(model)
     tokenizer = None
     if (folder / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer

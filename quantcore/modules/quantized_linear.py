@@ -14,31 +14,27 @@ Two ways to compute:
 * reference: dequantize the weight (x̂ = (q - Z)·S) and run a float matmul; activations,
   when the scheme quantizes them, are fake-quantized per call. This is the definition
   every fast path is tested against.
-* W8A8 on CPU: int8 per-channel symmetric weights × int8 per-token dynamic activations
-  through PyTorch's fbgemm dynamic quantized linear, which really multiplies in int8.
-  fbgemm chooses one activation scale per call; dividing each token by its own absmax
-  first (and multiplying the output back) makes that scale per token. Static activation
-  scales (calibrated, `input_scale`) run the reference path: PyTorch's static-input int8
-  op did not reproduce the reference on this CPU (10 % error in our check), so it is not used.
+* fast CPU paths (`quantcore.modules.cpu_paths`): W8A8 in int8 through fbgemm, and
+  weight-only int4 through our C++ kernel at decode sizes, each tested against the reference.
 
-The reference path is the default, so a model computes the same numbers on every machine
-and the report's metrics describe the scheme, not the CPU. `enable_fast_path(model)` turns
-the int8 path on. Why it is not the default yet: on CPUs without VNNI, fbgemm sums pairs of
-u8·s8 products in saturating int16, so it must run with 7-bit activations (reduce_range) to
-stay exact; on SmolLM2 that measured 13.93 perplexity against 13.03 for the 8-bit reference
-(fp32 12.66, first 4096 evaluation tokens).
+The reference path is the default, so a job computes the same numbers on every machine and
+the report's metrics describe the scheme, not the CPU. `enable_fast_path(model)` (which
+`load_quantized` calls for inference) makes each layer take the fastest path this CPU has
+that reproduces the reference up to float rounding; `approximate=True` also allows the int8
+path of CPUs without VNNI, whose 7-bit activations measured 13.93 perplexity on SmolLM2
+against 13.03 for the 8-bit reference (fp32 12.66, first 4096 evaluation tokens).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantcore.modules import cpu_paths
 from quantcore.packing import pack_codes, unpack_codes
 from quantcore.qparams import QParams, calculate_qparams, fake_quant, grouped_view, quantize
 from quantcore.schemes import Granularity, QuantScheme, QuantType, check_activation_scheme
@@ -46,20 +42,6 @@ from quantcore.schemes import Granularity, QuantScheme, QuantType, check_activat
 log = logging.getLogger(__name__)
 
 DEFAULT_SCALE_DTYPE = torch.float16
-
-
-def _is_w8a8_int(weight: QuantScheme, act: QuantScheme | None) -> bool:
-    return (
-        act is not None
-        and weight.type == QuantType.INT
-        and weight.bits == 8
-        and weight.symmetric
-        and weight.granularity in (Granularity.CHANNEL, Granularity.TENSOR)
-        and act.type == QuantType.INT
-        and act.bits == 8
-        and act.dynamic
-        and act.granularity in (Granularity.TOKEN, Granularity.TENSOR)
-    )
 
 
 def fake_quant_activations(x: torch.Tensor, scheme: QuantScheme, static: QParams | None = None) -> torch.Tensor:
@@ -88,8 +70,7 @@ def _fake_quant_symmetric(tokens: torch.Tensor, scheme: QuantScheme) -> torch.Te
     return (tokens / scale).round_().clamp_(scheme.qmin, scheme.qmax).mul_(scale)
 
 
-def fast_path_available() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines or "x86" in torch.backends.quantized.supported_engines
+fast_path_available = cpu_paths.fbgemm_available  # the int8 path's engine (kept for callers)
 
 
 class QuantizedLinear(nn.Module):
@@ -135,8 +116,8 @@ class QuantizedLinear(nn.Module):
         self.register_buffer(
             "input_zero_point", torch.zeros(1, dtype=torch.uint8) if static and not activation_scheme.symmetric else None
         )
-        self._packed_int8 = None  # fbgemm prepacked weight, built lazily, never saved
-        self.use_fast_path = False  # see the module docstring
+        self.fast_path = "off"  # "off" (reference), "exact" or "approximate": see the module docstring
+        self._cpu_path: cpu_paths.Int8Path | cpu_paths.Int4Path | None | bool = False  # False: not chosen yet
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -216,13 +197,19 @@ class QuantizedLinear(nn.Module):
         return w.reshape(self.out_features, self.in_features).to(dtype)
 
     # ------------------------------------------------------------------ compute
+    def cpu_path(self) -> cpu_paths.Int8Path | cpu_paths.Int4Path | None:
+        """The CPU path `forward` takes when fast paths are on (chosen once; None: the reference)."""
+        if self._cpu_path is False:
+            self._cpu_path = cpu_paths.choose(self, approximate=self.fast_path == "approximate")
+        return self._cpu_path
+
     @property
     def has_fast_path(self) -> bool:
-        return _is_w8a8_int(self.weight_scheme, self.activation_scheme) and fast_path_available()
+        return self.fast_path != "off" and self.cpu_path() is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_fast_path and x.device.type == "cpu" and self.has_fast_path:
-            return self.forward_int8(x)
+        if self.fast_path != "off" and x.device.type == "cpu" and (path := self.cpu_path()) is not None:
+            return path(x, self)
         return self.forward_reference(x)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,37 +219,8 @@ class QuantizedLinear(nn.Module):
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w, bias)
 
-    def forward_int8(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed_int8 is None:
-            self._packed_int8 = self._prepack_int8()
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
-        if self.activation_scheme.granularity == Granularity.TOKEN:
-            token_absmax = x2.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-            x2 = x2 / token_absmax
-        # reduce_range: 7-bit activations keep fbgemm's u8·s8 pair sums inside int16 on CPUs
-        # without VNNI; with 8-bit activations we measured 2-3x the error of the reference.
-        y = torch.ops.quantized.linear_dynamic(x2, self._packed_int8, True)
-        if self.activation_scheme.granularity == Granularity.TOKEN:
-            y = y * token_absmax
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
-
-    def _prepack_int8(self):
-        scale = self.scale.double().reshape(-1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # quantized-tensor creation is "deprecated" but is the op's API
-            if self.weight_scheme.granularity == Granularity.CHANNEL:
-                wq = torch._make_per_channel_quantized_tensor(
-                    self.qweight, scale, torch.zeros(self.out_features, dtype=torch.long), 0
-                )
-            else:
-                wq = torch._make_per_tensor_quantized_tensor(self.qweight, float(scale[0]), 0)
-            return torch.ops.quantized.linear_prepack(wq, None)
-
     def _apply(self, fn, recurse=True):
-        self._packed_int8 = None  # moved or cast: rebuild from the stored codes
+        self._cpu_path = False  # moved or cast: choose again from the stored codes
         return super()._apply(fn, recurse)
 
     def compute_module(self, dtype: torch.dtype) -> nn.Module:
@@ -303,11 +261,13 @@ class DequantizedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def enable_fast_path(model: nn.Module, enabled: bool = True) -> int:
-    """Route every QuantizedLinear with a fast kernel for its scheme through it; returns how many."""
+def enable_fast_path(model: nn.Module, enabled: bool = True, approximate: bool = False) -> int:
+    """Let every QuantizedLinear take the fastest CPU path it has (`approximate`: also those that
+    do not reproduce the reference's numbers); returns how many layers have one."""
     count = 0
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
-            module.use_fast_path = enabled
-            count += int(enabled and module.has_fast_path)
+            module.fast_path = "off" if not enabled else "approximate" if approximate else "exact"
+            module._cpu_path = False
+            count += int(module.has_fast_path)
     return count

@@ -21,11 +21,14 @@ def test_round_trip_reproduces_logits(tmp_path, preset, tiny_llama):
     folder = tmp_path / "artifact"
     save_artifact(model, None, folder, "causal_lm", {"report.json": {"hello": 1}})
     write_manifest(folder)
-    loaded = load_quantized(folder)
+    loaded = load_quantized(folder, fast_path=False)  # the reference path: bit for bit
     with torch.no_grad():
         got = loaded.model(ids).logits
     assert torch.equal(got, expect)
     assert loaded.report == {"hello": 1}
+    fast = load_quantized(folder)  # the CPU's fast paths (where it has them): the same up to float rounding
+    with torch.no_grad():
+        torch.testing.assert_close(fast.model(ids).logits, expect, rtol=1e-4, atol=1e-4)
     assert loaded.model.lm_head.weight.data_ptr() == loaded.model.model.embed_tokens.weight.data_ptr()
 
 

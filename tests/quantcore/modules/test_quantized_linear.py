@@ -1,11 +1,11 @@
-"""QuantizedLinear: packed storage reproduces the fake-quant weight exactly; the int8 path
-agrees with the per-token fake-quant reference."""
+"""QuantizedLinear: packed storage reproduces the fake-quant weight exactly (the fast CPU
+paths are in test_cpu_paths.py)."""
 
 import pytest
 import torch
 from torch import nn
 
-from quantcore.modules.quantized_linear import QuantizedLinear, enable_fast_path, fast_path_available
+from quantcore.modules.quantized_linear import QuantizedLinear
 from quantcore.qparams import calculate_qparams, fake_quant
 from quantcore.schemes import QuantScheme
 
@@ -43,30 +43,6 @@ def test_fp8_weights():
     assert q.qweight.dtype == torch.float8_e4m3fn
     rel = (q.dequantize_weight() - lin.weight).norm() / lin.weight.norm()
     assert rel < 0.05
-
-
-@pytest.mark.skipif(not fast_path_available(), reason="no fbgemm/x86 quantized engine in this torch build")
-@pytest.mark.parametrize("batch", [1, 7, 33])
-def test_w8a8_int8_path_matches_reference(batch):
-    lin = linear(out=1536, inp=576, seed=batch)
-    w8 = QuantScheme(type="int", bits=8, granularity="channel")
-    a8 = QuantScheme(type="int", bits=8, granularity="token", dynamic=True)
-    q = QuantizedLinear.from_float(lin, w8, a8)
-    x = torch.randn(2, batch, 576) * torch.linspace(0.1, 10, batch).view(1, batch, 1)  # tokens of very different scale
-    fp32 = lin(x)
-    fast = q.forward_int8(x)
-    ref = q.forward_reference(x)
-    err_fast = ((fast - fp32).norm() / fp32.norm()).item()
-    err_ref = ((ref - fp32).norm() / fp32.norm()).item()
-    # the int8 kernel uses 7-bit activations (see module docstring): within 2.5x of the 8-bit reference
-    assert err_fast < 2.5 * err_ref + 1e-4, (err_fast, err_ref)
-    assert err_fast < 0.03
-    # per-token scaling matters: small tokens keep their relative accuracy
-    small = ((fast[:, 0] - fp32[:, 0]).norm() / fp32[:, 0].norm()).item()
-    assert small < 0.05
-    assert torch.equal(q(x), ref)  # the reference path is the default
-    assert enable_fast_path(nn.Sequential(q)) == 1
-    assert torch.equal(q(x), fast)  # then forward dispatches to the int8 path on CPU
 
 
 @pytest.mark.parametrize("granularity", ["token", "tensor"])

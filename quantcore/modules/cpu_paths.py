@@ -1,0 +1,157 @@
+"""The CPU execution paths of `QuantizedLinear`, each held to its reference forward.
+
+    int8   W8A8: int8 per-channel symmetric weights × int8 dynamic activations (per token or
+           per tensor), multiplied in int8 by PyTorch's fbgemm.
+           exact (CPUs with VNNI): each token is divided by its own scale S_x = max|x|/127
+           and rounded first, so fbgemm's static input quantization with scale 1 and zero
+           point 128 stores exactly the reference codes round(x / S_x) + 128; it sums the int8
+           products in int32 (VNNI's vpdpbusd does not saturate) and returns
+           Σ q_x·q_w·S_w in fp32, which we multiply by S_x: the reference's numbers up to
+           float rounding.
+           approximate (CPUs without VNNI; only when asked for): their u8·s8 pair sums
+           saturate in int16, so fbgemm's dynamic op runs with 7-bit activations
+           (reduce_range) on the same per-token-normalized input.
+    int4   weight-only int4 (group-wise or per channel, symmetric or with zero points): the
+           C++ kernel of `quantcore.kernels.cpu_int4` for decode-sized inputs (at most
+           MAX_ROWS rows), which reads the packed codes and never forms Ŵ; larger inputs
+           (prefill) dequantize once and use the BLAS matmul, as the reference does.
+
+Which path a layer takes is decided once, from its schemes and this CPU (`choose`).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+
+from quantcore.schemes import Granularity, QuantType
+
+if TYPE_CHECKING:
+    from quantcore.modules.quantized_linear import QuantizedLinear
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def has_vnni() -> bool:
+    """int8 dot products accumulated in int32 without saturation (AVX-512 VNNI or AVX-VNNI)."""
+    return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
+
+
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines or "x86" in torch.backends.quantized.supported_engines
+
+
+def is_w8a8_int(layer: QuantizedLinear) -> bool:
+    weight, act = layer.weight_scheme, layer.activation_scheme
+    return (
+        act is not None
+        and weight.type == QuantType.INT
+        and weight.bits == 8
+        and weight.symmetric
+        and weight.granularity in (Granularity.CHANNEL, Granularity.TENSOR)
+        and act.type == QuantType.INT
+        and act.bits == 8
+        and act.symmetric
+        and act.dynamic
+        and act.granularity in (Granularity.TOKEN, Granularity.TENSOR)
+    )
+
+
+def is_w4a16(layer: QuantizedLinear) -> bool:
+    weight = layer.weight_scheme
+    if layer.activation_scheme is not None or weight.type != QuantType.INT or weight.bits != 4:
+        return False
+    group = weight.group_size if weight.granularity == Granularity.GROUP else layer.in_features
+    return weight.granularity in (Granularity.GROUP, Granularity.CHANNEL) and group % 2 == 0 and layer.in_features % 2 == 0
+
+
+class Int8Path:
+    name = "int8"
+
+    def __init__(self, layer: QuantizedLinear, exact: bool) -> None:
+        self.exact = exact
+        self.per_token = layer.activation_scheme.granularity == Granularity.TOKEN
+        self.bias = None if layer.bias is None else layer.bias.float()
+        self.out_features = layer.out_features
+        scale = layer.scale.double().reshape(-1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # quantized-tensor creation is "deprecated" but is the op's API
+            if scale.numel() > 1:
+                zeros = torch.zeros(layer.out_features, dtype=torch.long)
+                weight = torch._make_per_channel_quantized_tensor(layer.qweight, scale, zeros, 0)
+            else:
+                weight = torch._make_per_tensor_quantized_tensor(layer.qweight, float(scale[0]), 0)
+            self.packed = torch.ops.quantized.linear_prepack(weight, None)
+
+    def __call__(self, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        if self.per_token:
+            absmax = torch.linalg.vector_norm(x2, float("inf"), dim=-1, keepdim=True)
+        else:
+            absmax = torch.linalg.vector_norm(x2, float("inf")).reshape(1, 1)
+        # S_x as the reference computes it (an all-zero token gets S = 1)
+        s_x = absmax / 127
+        s_x = torch.where(s_x > 0, s_x, torch.ones_like(s_x))
+        if self.exact:
+            # Rounded here, as the reference rounds: fbgemm adds the zero point before rounding,
+            # in float, which moves values within 1e-6 of a half step to the other side.
+            codes = torch.round(x2 / s_x)
+            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(codes, 1.0, 128, self.packed)
+        else:
+            y = torch.ops.quantized.linear_dynamic(x2 / (s_x * 127), self.packed, True) * 127
+        y = y * s_x
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int4Path:
+    name = "int4"
+
+    def __init__(self, layer: QuantizedLinear) -> None:
+        from quantcore.kernels.reference import INT4_SYMMETRIC_ZERO, int4_group_params
+
+        scales, zeros, _ = int4_group_params(layer.scale, layer.zero_point, layer.out_features, layer.in_features)
+        self.scales = scales.float().contiguous()
+        # Z' is the stored code of 0.0: Z with zero points, 8 on the symmetric grid
+        self.zeros = zeros.float().contiguous() if zeros is not None else torch.full_like(self.scales, INT4_SYMMETRIC_ZERO)
+        self.bias = None if layer.bias is None else layer.bias.float().contiguous()
+
+    def __call__(self, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        from quantcore.kernels import cpu_int4
+
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] > cpu_int4.MAX_ROWS:
+            return layer.forward_reference(x)
+        y = cpu_int4.w4a16_gemv(x2.float(), layer.qweight, self.scales, self.zeros, self.bias)
+        return y.reshape(*shape[:-1], layer.out_features).to(x.dtype)
+
+
+def choose(layer: QuantizedLinear, approximate: bool = False) -> Int8Path | Int4Path | None:
+    """The fastest path this CPU has for the layer's schemes; None: the reference.
+    `approximate` also allows paths that do not reproduce the reference's numbers."""
+    if is_w8a8_int(layer) and fbgemm_available():
+        if has_vnni():
+            return Int8Path(layer, exact=True)
+        return Int8Path(layer, exact=False) if approximate else None
+    if is_w4a16(layer):
+        from quantcore.kernels import cpu_int4
+
+        return Int4Path(layer) if cpu_int4.available() else None
+    return None
+
