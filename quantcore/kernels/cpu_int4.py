@@ -162,6 +162,31 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
   });
   return out;
 }
+
+// Ŵ (N, K) float32 = (u - Z') * S, for inputs too large for w4a16_gemv (prefill): one pass
+// over the codes, the BLAS matmul then does the arithmetic.
+torch::Tensor w4_dequantize(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t K) {
+  const int64_t N = scales.size(0), G = scales.size(1), group = K / G, half_k = K / 2;
+  auto out = torch::empty({N, K}, scales.options());
+  float* wp = out.data_ptr<float>();
+  const uint8_t* qp = qweight.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* zp = zeros.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* row = qp + n * half_k;
+      float* w = wp + n * K;
+      for (int64_t g = 0; g < G; ++g) {  // groups are even-sized: a byte never straddles two
+        const float s = sp[n * G + g], z = zp[n * G + g];
+        for (int64_t j = g * group / 2; j < (g + 1) * group / 2; ++j) {
+          w[2 * j] = ((float)(row[j] & 15) - z) * s;
+          w[2 * j + 1] = ((float)(row[j] >> 4) - z) * s;
+        }
+      }
+    }
+  });
+  return out;
+}
 """
 
 _lock = threading.Lock()
@@ -200,7 +225,7 @@ def _load():
 
                 log.info("compiling the int4 CPU kernel (once per machine kind)")
                 _module = load_inline(
-                    name="qforge_cpu_int4", cpp_sources=[_SOURCE], functions=["w4a16_gemv"],
+                    name="qforge_cpu_int4", cpp_sources=[_SOURCE], functions=["w4a16_gemv", "w4_dequantize"],
                     extra_cflags=["-O3", "-march=native"], build_directory=str(_build_dir()),
                     verbose=False,
                 )
@@ -217,6 +242,14 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     _load()
     return _failed
+
+
+def w4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Ŵ (N, K) float32 from the packed codes, (N, K/G) float32 S and Z'. Needs `available()`."""
+    module = _load()
+    if module is None:
+        raise RuntimeError(f"the int4 CPU kernel is unavailable: {_failed}")
+    return module.w4_dequantize(qweight, scales, zeros, in_features)
 
 
 def w4a16_gemv(

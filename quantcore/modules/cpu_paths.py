@@ -14,7 +14,7 @@
     int4   weight-only int4 (group-wise or per channel, symmetric or with zero points): the
            C++ kernel of `quantcore.kernels.cpu_int4` for decode-sized inputs (at most
            MAX_ROWS rows), which reads the packed codes and never forms Ŵ; larger inputs
-           (prefill) dequantize once and use the BLAS matmul, as the reference does.
+           (prefill) get Ŵ from the kernel's one-pass dequantization and the BLAS matmul.
 
 Which path a layer takes is decided once, from its schemes and this CPU (`choose`).
 """
@@ -26,6 +26,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from quantcore.schemes import Granularity, QuantType
 
@@ -97,25 +98,23 @@ class Int8Path:
             self.packed = torch.ops.quantized.linear_prepack(weight, None)
 
     def __call__(self, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        # In place wherever possible: at decode sizes these element-wise steps cost as much
+        # as the int8 matmul itself.
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
-        if self.per_token:
-            absmax = torch.linalg.vector_norm(x2, float("inf"), dim=-1, keepdim=True)
-        else:
-            absmax = torch.linalg.vector_norm(x2, float("inf")).reshape(1, 1)
-        # S_x as the reference computes it (an all-zero token gets S = 1)
-        s_x = absmax / 127
-        s_x = torch.where(s_x > 0, s_x, torch.ones_like(s_x))
+        dim = -1 if self.per_token else None
+        s_x = torch.linalg.vector_norm(x2, float("inf"), dim=dim, keepdim=True).div_(127)
+        s_x.masked_fill_(s_x == 0, 1.0)  # S_x as the reference computes it (an all-zero token gets S = 1)
         if self.exact:
             # Rounded here, as the reference rounds: fbgemm adds the zero point before rounding,
             # in float, which moves values within 1e-6 of a half step to the other side.
-            codes = torch.round(x2 / s_x)
+            codes = torch.div(x2, s_x).round_()
             y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(codes, 1.0, 128, self.packed)
         else:
-            y = torch.ops.quantized.linear_dynamic(x2 / (s_x * 127), self.packed, True) * 127
-        y = y * s_x
+            y = torch.ops.quantized.linear_dynamic(torch.div(x2, s_x * 127), self.packed, True).mul_(127)
+        y.mul_(s_x)
         if self.bias is not None:
-            y = y + self.bias
+            y.add_(self.bias)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -136,8 +135,9 @@ class Int4Path:
 
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] > cpu_int4.MAX_ROWS:
-            return layer.forward_reference(x)
+        if x2.shape[0] > cpu_int4.MAX_ROWS:  # prefill: Ŵ in one pass over the codes, then BLAS
+            weight = cpu_int4.w4_dequantize(layer.qweight, self.scales, self.zeros, layer.in_features)
+            return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         y = cpu_int4.w4a16_gemv(x2.float(), layer.qweight, self.scales, self.zeros, self.bias)
         return y.reshape(*shape[:-1], layer.out_features).to(x.dtype)
 

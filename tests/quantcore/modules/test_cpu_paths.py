@@ -8,6 +8,7 @@ from torch import nn
 
 from quantcore.kernels import cpu_int4
 from quantcore.kernels.reference import (
+    dequantize_int4,
     quantize_per_token_reference,
     w4a16_reference,
     w8a8_linear_reference,
@@ -88,11 +89,19 @@ def test_int4_kernel_matches_the_unpack_and_dequantize_reference(int4_kernel, ro
     torch.testing.assert_close(path(x, q), expect, rtol=1e-5, atol=2e-5 * expect.abs().max().item())
 
 
-def test_int4_above_decode_sizes_runs_the_reference_and_other_dtypes_round_trip(int4_kernel):
+@pytest.mark.parametrize("shape,scheme", INT4_CASES, ids=lambda v: str(v) if isinstance(v, tuple) else v.short_name())
+def test_int4_kernel_dequantizes_exactly_as_the_reference(int4_kernel, shape, scheme):
+    q = layer(*shape, scheme)
+    path = cpu_paths.choose(q)
+    got = cpu_int4.w4_dequantize(q.qweight, path.scales, path.zeros, shape[1])
+    assert torch.equal(got, dequantize_int4(q.qweight, q.scale, q.zero_point, *shape))
+
+
+def test_int4_above_decode_sizes_matches_the_reference_and_other_dtypes_round_trip(int4_kernel):
     q = layer(1536, 576, INT4_CASES[0][1])
     enable_fast_path(nn.Sequential(q))
     x = tokens(cpu_int4.MAX_ROWS + 1, 576)
-    assert torch.equal(q(x), q.forward_reference(x))  # prefill: dequantize once, BLAS matmul
+    assert torch.equal(q(x), q.forward_reference(x))  # prefill: the same Ŵ, the same BLAS matmul
     xb = tokens(2, 576).to(torch.bfloat16)
     y = q(xb)
     assert y.dtype == torch.bfloat16
