@@ -3,6 +3,7 @@
     qforge serve      migrate, start a Celery worker beside the API, serve the API
     qforge worker     only a worker (production: one per GPU machine)
     qforge migrate    bring the database schema to the newest migration
+    qforge generate   load an LLM artifact (folder or downloaded .tar) and generate text
 
 Options given here override the matching QFORGE_* environment variables; they are passed
 on through the environment, so the worker process started by `serve` sees them too.
@@ -62,6 +63,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(_settings_from(args), with_worker=not args.no_worker)
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from quantcore.generate import try_artifact
+
+    result = try_artifact(args.artifact, args.prompt, args.max_new_tokens, compare_float=args.compare)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for label, run in (("quantized", result["quantized"]), ("float", result["float"])):
+        if run is None:
+            continue
+        print(f"--- {label}{' (' + run['model'] + ')' if 'model' in run else ''}: {run['new_tokens']} tokens, "
+              f"prefill {run['prefill_s'] * 1000:.0f} ms, decode {run['decode_tokens_per_s']:.1f} tokens/s")
+        print(args.prompt + run["text"])
+    if "speedup" in result:
+        print(f"--- decode speed, quantized / float: {result['speedup']:.2f}x")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qforge", description="qforge: quantization as a service")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -84,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="upgrade the database schema")
     data_dir_option(migrate)
     migrate.set_defaults(func=cmd_migrate)
+
+    generate = commands.add_parser("generate", help="generate text with an LLM artifact, on its fast CPU paths")
+    generate.add_argument("artifact", help="an artifact folder, or the .tar downloaded from /v1/jobs/<id>/artifact")
+    generate.add_argument("--prompt", default="The Python language reference says that", help="text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--compare", action="store_true", help="also run the float source model: tokens/s beside it")
+    generate.add_argument("--json", action="store_true", help="print the result as JSON")
+    generate.set_defaults(func=cmd_generate)
     return parser
 
 
