@@ -89,19 +89,30 @@ def try_artifact(path: str | Path, prompt: str, max_new_tokens: int = 32, compar
     from quantcore.export import load_quantized
 
     loaded = load_quantized(open_artifact(path))
+    float_model = load_float_source(loaded) if compare_float else None
+    return try_loaded(loaded, prompt, max_new_tokens, float_model)
+
+
+def load_float_source(loaded: Any) -> tuple[str, nn.Module]:
+    """The float model an artifact was quantized from (its report names it)."""
+    from quantcore.models import load_model
+
+    source = ((loaded.report or {}).get("model") or {}).get("ref")
+    if not source:
+        raise ValueError("the artifact's report does not name its source model")
+    return source, load_model(source).model.eval()
+
+
+def try_loaded(loaded: Any, prompt: str, max_new_tokens: int = 32, float_model: tuple[str, nn.Module] | None = None) -> dict[str, Any]:
+    """Generate with a loaded artifact (`quantcore.export.load_quantized`) and, when given,
+    with its float source model on the same prompt."""
     if loaded.kind != "causal_lm" or loaded.tokenizer is None:
         raise ValueError(f"generation needs a causal language model artifact with a tokenizer; this one is '{loaded.kind}'")
     quantized = generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens)
     result: dict[str, Any] = {"quantized": quantized.as_dict(), "float": None}
-    if compare_float:
-        from quantcore.models import load_model
-
-        source = ((loaded.report or {}).get("model") or {}).get("ref")
-        if not source:
-            raise ValueError("the artifact's report does not name its source model")
-        reference = load_model(source)
-        result["float"] = generate(reference.model.eval(), loaded.tokenizer, prompt, max_new_tokens).as_dict()
-        result["float"]["model"] = source
+    if float_model is not None:
+        source, model = float_model
+        result["float"] = {**generate(model, loaded.tokenizer, prompt, max_new_tokens).as_dict(), "model": source}
         if result["float"]["decode_tokens_per_s"]:
             result["speedup"] = round(quantized.decode_tokens_per_s / result["float"]["decode_tokens_per_s"], 3)
     return result

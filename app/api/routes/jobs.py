@@ -8,13 +8,14 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 from sse_starlette import EventSourceResponse
 
-from app import artifacts, crud, jobs
+from app import artifacts, crud, jobs, try_model
 from app.artifact_store import ArtifactStoreError, store_for
 from app.api.deps import JobDep, SessionDep, SettingsDep
 from app.errors import Problem, validation_problem
 from app.events import job_events
 from app.models import JobStatus
 from app.schemas import ArtifactLink, ArtifactLinkRequest, JobOut, JobPage
+from app.try_model import TryRequest
 from quantcore.classic_job import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -99,6 +100,15 @@ def delete_artifacts(job: JobDep, session: SessionDep, settings: SettingsDep) ->
         raise Problem(503, "artifact-store-unavailable", "Artifact store unavailable", str(exc)) from None
     session.refresh(job)
     return JobOut.from_row(job, settings)
+
+
+@router.post("/{job_id}/try")
+def try_job(job: JobDep, settings: SettingsDep, body: TryRequest | None = None) -> dict[str, Any]:
+    """Generate with the job's quantized LLM on the fast CPU paths: the text, prefill time and
+    decode tokens/s (with `compare_float`, the float source model's beside it). Runs in the
+    API process, one generation at a time: a quick look, not a serving endpoint."""
+    jobs.require_status(job, JobStatus.SUCCEEDED, "artifact")
+    return try_model.try_job(settings, job, body or TryRequest())
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
