@@ -52,7 +52,7 @@ def median_ms(fn, repeat: int) -> float:
 
 
 def layer_rows(repeat: int) -> list[str]:
-    from quantcore.kernels import cpu_int4
+    from quantcore.kernels import cpu as cpu_kernels
     from quantcore.modules import QuantizedLinear, cpu_paths
     from quantcore.schemes import QuantScheme
 
@@ -84,7 +84,7 @@ def layer_rows(repeat: int) -> list[str]:
                     scaled = x / (s_x * 127)
                     raw = median_ms(lambda: torch.ops.quantized.linear_dynamic(scaled, path8.packed, True), repeat)
                 ours8 = median_ms(lambda: path8(x, q8), repeat)
-                if path4 is not None and rows <= cpu_int4.MAX_ROWS:
+                if path4 is not None and rows <= cpu_kernels.MAX_ROWS:
                     ours4 = median_ms(lambda: path4(x, q4), repeat)
                 else:  # above decode sizes the int4 path is the reference's dequantize + matmul
                     ours4 = median_ms(lambda: q4.forward_reference(x), repeat)
@@ -166,11 +166,11 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     from common import run_header, write_section
 
-    from quantcore.kernels import cpu_int4
+    from quantcore.kernels import cpu as cpu_kernels
     from quantcore.modules import cpu_paths
 
     torch.manual_seed(SEED)
-    header = run_header(SEED, vnni=cpu_paths.has_vnni(), int4_kernel=cpu_int4.available())
+    header = run_header(SEED, vnni=cpu_paths.has_vnni(), int4_kernel=cpu_kernels.available())
     print("\n".join(header), flush=True)
     lines = layer_rows(args.repeat)
     print("\n".join(lines), flush=True)

@@ -12,7 +12,7 @@
            saturate in int16, so fbgemm's dynamic op runs with 7-bit activations
            (reduce_range) on the same per-token-normalized input.
     int4   weight-only int4 (group-wise or per channel, symmetric or with zero points): the
-           C++ kernel of `quantcore.kernels.cpu_int4` for decode-sized inputs (at most
+           C++ kernel of `quantcore.kernels.cpu` for decode-sized inputs (at most
            MAX_ROWS rows), which reads the packed codes and never forms Ŵ; larger inputs
            (prefill) get Ŵ from the kernel's one-pass dequantization and the BLAS matmul.
 
@@ -82,8 +82,11 @@ def is_w4a16(layer: QuantizedLinear) -> bool:
 class Int8Path:
     name = "int8"
 
-    def __init__(self, layer: QuantizedLinear, exact: bool) -> None:
+    def __init__(self, layer: QuantizedLinear, exact: bool, use_kernels: bool = True) -> None:
+        from quantcore.kernels import cpu as cpu_kernels
+
         self.exact = exact
+        self.kernels = cpu_kernels if use_kernels and exact and cpu_kernels.available() else None
         self.per_token = layer.activation_scheme.granularity == Granularity.TOKEN
         self.bias = None if layer.bias is None else layer.bias.float()
         self.out_features = layer.out_features
@@ -102,6 +105,11 @@ class Int8Path:
         # as the int8 matmul itself.
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
+        if self.exact and self.kernels is not None:  # the steps below in two C++ passes
+            codes, s_x = self.kernels.int8_row_codes(x2, self.per_token)
+            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(codes, 1.0, 128, self.packed)
+            self.kernels.scale_rows_add_bias(y, s_x, self.bias)
+            return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         dim = -1 if self.per_token else None
         s_x = torch.linalg.vector_norm(x2, float("inf"), dim=dim, keepdim=True).div_(127)
         s_x.masked_fill_(s_x == 0, 1.0)  # S_x as the reference computes it (an all-zero token gets S = 1)
@@ -131,14 +139,14 @@ class Int4Path:
         self.bias = None if layer.bias is None else layer.bias.float().contiguous()
 
     def __call__(self, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
-        from quantcore.kernels import cpu_int4
+        from quantcore.kernels import cpu as cpu_kernels
 
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] > cpu_int4.MAX_ROWS:  # prefill: Ŵ in one pass over the codes, then BLAS
-            weight = cpu_int4.w4_dequantize(layer.qweight, self.scales, self.zeros, layer.in_features)
+        if x2.shape[0] > cpu_kernels.MAX_ROWS:  # prefill: Ŵ in one pass over the codes, then BLAS
+            weight = cpu_kernels.w4_dequantize(layer.qweight, self.scales, self.zeros, layer.in_features)
             return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        y = cpu_int4.w4a16_gemv(x2.float(), layer.qweight, self.scales, self.zeros, self.bias)
+        y = cpu_kernels.w4a16_gemv(x2.float(), layer.qweight, self.scales, self.zeros, self.bias)
         return y.reshape(*shape[:-1], layer.out_features).to(x.dtype)
 
 
@@ -150,8 +158,8 @@ def choose(layer: QuantizedLinear, approximate: bool = False) -> Int8Path | Int4
             return Int8Path(layer, exact=True)
         return Int8Path(layer, exact=False) if approximate else None
     if is_w4a16(layer):
-        from quantcore.kernels import cpu_int4
+        from quantcore.kernels import cpu as cpu_kernels
 
-        return Int4Path(layer) if cpu_int4.available() else None
+        return Int4Path(layer) if cpu_kernels.available() else None
     return None
 

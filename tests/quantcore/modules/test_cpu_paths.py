@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from quantcore.kernels import cpu_int4
+from quantcore.kernels import cpu as cpu_kernels
 from quantcore.kernels.reference import (
     dequantize_int4,
     quantize_per_token_reference,
@@ -51,6 +51,8 @@ def test_int8_path_reproduces_the_int8_reference_where_the_cpu_has_vnni(rows, ac
     got = path(x, q)
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-4 * expect.abs().max().item())
     torch.testing.assert_close(got, q.forward_reference(x), rtol=1e-4, atol=1e-4 * expect.abs().max().item())
+    in_torch = cpu_paths.Int8Path(q, exact=True, use_kernels=False)(x, q)  # the same steps in PyTorch ops
+    assert path.kernels is not None and torch.equal(got, in_torch)
 
 
 def test_approximate_int8_path_stays_close_to_the_reference():
@@ -74,8 +76,8 @@ INT4_CASES = [
 
 @pytest.fixture(scope="module")
 def int4_kernel():
-    if not cpu_int4.available():  # a C++ compiler is part of the test machine
-        pytest.fail(f"the int4 CPU kernel did not build: {cpu_int4.unavailable_reason()}")
+    if not cpu_kernels.available():  # a C++ compiler is part of the test machine
+        pytest.fail(f"the int4 CPU kernel did not build: {cpu_kernels.unavailable_reason()}")
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
@@ -93,14 +95,14 @@ def test_int4_kernel_matches_the_unpack_and_dequantize_reference(int4_kernel, ro
 def test_int4_kernel_dequantizes_exactly_as_the_reference(int4_kernel, shape, scheme):
     q = layer(*shape, scheme)
     path = cpu_paths.choose(q)
-    got = cpu_int4.w4_dequantize(q.qweight, path.scales, path.zeros, shape[1])
+    got = cpu_kernels.w4_dequantize(q.qweight, path.scales, path.zeros, shape[1])
     assert torch.equal(got, dequantize_int4(q.qweight, q.scale, q.zero_point, *shape))
 
 
 def test_int4_above_decode_sizes_matches_the_reference_and_other_dtypes_round_trip(int4_kernel):
     q = layer(1536, 576, INT4_CASES[0][1])
     enable_fast_path(nn.Sequential(q))
-    x = tokens(cpu_int4.MAX_ROWS + 1, 576)
+    x = tokens(cpu_kernels.MAX_ROWS + 1, 576)
     assert torch.equal(q(x), q.forward_reference(x))  # prefill: the same Ŵ, the same BLAS matmul
     xb = tokens(2, 576).to(torch.bfloat16)
     y = q(xb)
@@ -124,8 +126,8 @@ def test_dispatch_is_off_by_default_and_counted_when_enabled(int4_kernel):
 
 
 def test_without_the_kernel_int4_layers_keep_the_reference(monkeypatch):
-    monkeypatch.setattr(cpu_int4, "_module", None)
-    monkeypatch.setattr(cpu_int4, "_failed", "no C++ compiler")
+    monkeypatch.setattr(cpu_kernels, "_module", None)
+    monkeypatch.setattr(cpu_kernels, "_failed", "no C++ compiler")
     q = layer(1536, 576, INT4_CASES[0][1])
     assert enable_fast_path(nn.Sequential(q)) == 0
     x = tokens(1, 576)

@@ -1,4 +1,7 @@
-"""W4A16 on CPU: a small C++ kernel for decode-sized batches, on the artifact's packed buffers.
+"""CPU kernels in C++: W4A16 for decode-sized batches on the artifact's packed buffers, and
+the per-token steps around fbgemm's int8 matmul.
+
+W4A16.
 
 PyTorch's own packed-int4 CPU matmul measured 5-50x slower than fp32 on our machines, and
 dequantizing the whole weight for every token reads 8x the bytes the int4 codes hold. At
@@ -37,6 +40,8 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -187,6 +192,57 @@ torch::Tensor w4_dequantize(torch::Tensor qweight, torch::Tensor scales, torch::
   });
   return out;
 }
+
+// W8A8 around fbgemm: per-token symmetric int8 codes, as float (what fbgemm's static input
+// quantization then stores exactly), and S_x = max|x|/127 per row (1 for an all-zero row).
+// The same float operations as the PyTorch reference: max, one division by 127, one per element.
+std::vector<torch::Tensor> int8_row_codes(torch::Tensor x, bool per_token) {
+  const int64_t M = x.size(0), K = x.size(1);
+  auto codes = torch::empty_like(x);
+  auto scales = torch::empty({per_token ? M : 1, 1}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* cp = codes.data_ptr<float>();
+  float* sp = scales.data_ptr<float>();
+  if (!per_token) {
+    float m = 0.f;
+    for (int64_t i = 0; i < M * K; ++i) m = std::max(m, std::fabs(xp[i]));
+    sp[0] = m / 127.f > 0.f ? m / 127.f : 1.f;
+  }
+  at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * K;
+      float s = sp[0];
+      if (per_token) {
+        float m = 0.f;
+        for (int64_t k = 0; k < K; ++k) m = std::max(m, std::fabs(row[k]));
+        s = m / 127.f > 0.f ? m / 127.f : 1.f;
+        sp[r] = s;
+      }
+      for (int64_t k = 0; k < K; ++k) cp[r * K + k] = std::nearbyint(row[k] / s);
+    }
+  });
+  return {codes, scales};
+}
+
+// y[m, n] = y[m, n] * s[m] (+ bias[n]), in place: two roundings, as y.mul_(s).add_(bias).
+void scale_rows_add_bias(torch::Tensor y, torch::Tensor scales, torch::Tensor bias) {
+  const int64_t M = y.size(0), N = y.size(1);
+  const bool per_row = scales.numel() > 1;
+  float* yp = y.data_ptr<float>();
+  const float* sp = scales.data_ptr<float>();
+  const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float s = sp[per_row ? m : 0];
+      float* row = yp + m * N;
+      if (bp) {
+        for (int64_t n = 0; n < N; ++n) row[n] = row[n] * s + bp[n];  // no FMA: -ffp-contract=off
+      } else {
+        for (int64_t n = 0; n < N; ++n) row[n] = row[n] * s;
+      }
+    }
+  });
+}
 """
 
 _lock = threading.Lock()
@@ -208,7 +264,7 @@ def _cpu_flags() -> str:
 def _build_dir() -> Path:
     key = hashlib.sha256((_SOURCE + _cpu_flags() + torch.__version__).encode()).hexdigest()[:16]
     root = Path(os.environ.get("QFORGE_CACHE_DIR", Path.home() / ".cache" / "qforge")).expanduser()
-    folder = root / "kernels" / f"cpu_int4-{key}"
+    folder = root / "kernels" / f"cpu_kernels-{key}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -225,8 +281,8 @@ def _load():
 
                 log.info("compiling the int4 CPU kernel (once per machine kind)")
                 _module = load_inline(
-                    name="qforge_cpu_int4", cpp_sources=[_SOURCE], functions=["w4a16_gemv", "w4_dequantize"],
-                    extra_cflags=["-O3", "-march=native"], build_directory=str(_build_dir()),
+                    name="qforge_cpu_kernels", cpp_sources=[_SOURCE], functions=["w4a16_gemv", "w4_dequantize", "int8_row_codes", "scale_rows_add_bias"],
+                    extra_cflags=["-O3", "-march=native", "-ffp-contract=off"], build_directory=str(_build_dir()),
                     verbose=False,
                 )
             except Exception as exc:  # no compiler, or a failed build: the dequantize path is used
@@ -250,6 +306,16 @@ def w4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     if module is None:
         raise RuntimeError(f"the int4 CPU kernel is unavailable: {_failed}")
     return module.w4_dequantize(qweight, scales, zeros, in_features)
+
+
+def int8_row_codes(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(codes as float32, S_x (M, 1) or (1, 1)) of symmetric int8 rows; None without the module."""
+    module = _load()
+    return None if module is None else tuple(module.int8_row_codes(x.contiguous(), per_token))
+
+
+def scale_rows_add_bias(y: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+    _load().scale_rows_add_bias(y, scales, torch.empty(0) if bias is None else bias)
 
 
 def w4a16_gemv(
