@@ -1,8 +1,11 @@
-"""Triton kernels for quantized execution, each beside a plain-PyTorch reference.
+"""Kernels for quantized execution, each beside a plain-PyTorch reference.
 
-    w4a16      int4 group-wise weights x fp16/bf16/fp32 activations (GEMM, split-K GEMV)
-    w8a8       int8 x int8 GEMM with a per-token x per-channel scale epilogue, and the
+    w4a16      Triton: int4 group-wise weights x fp16/bf16/fp32 activations (GEMM, split-K GEMV)
+    w8a8       Triton: int8 x int8 GEMM with a per-token x per-channel scale epilogue, and the
                per-token int8 activation quantization
+    cpu        C++ (compiled on first use): int4 GEMV for decode, one-pass int4 dequantization,
+               and the per-token steps around fbgemm's int8 matmul; used by
+               `quantcore.modules.cpu_paths`
     reference  what each kernel computes, in PyTorch (needs no Triton)
 
 Importing this package does not import Triton: callers ask `triton_available()` first and
