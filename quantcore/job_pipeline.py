@@ -137,7 +137,9 @@ def execute(request: JobRequest, output_dir: Path, progress, allow_local_paths: 
             from quantcore.export.gguf_export import export_gguf
 
             gguf_type = request.gguf_type()
-            written = export_gguf(model, tokenizer, folder / f"{loaded.ref.name}-{gguf_type}.gguf".replace("/", "-"), gguf_type)
+            source_gguf = loaded.ref.path / loaded.ref.gguf_file if loaded.ref.gguf_file else None
+            written = export_gguf(model, tokenizer, folder / f"{loaded.ref.name}-{gguf_type}.gguf".replace("/", "-"), gguf_type,
+                                  name=f"{loaded.ref.name} ({request.recipe.name})", source_gguf=source_gguf)
             entry["gguf"] = written.as_dict()
         if fmt != "qforge":
             write_json(folder / "recipe.json", report["request"])

@@ -47,14 +47,21 @@ class GGUFExport:
     file_type: str
     exact: list[str] = field(default_factory=list)  # layers written code for code
     requantized: list[str] = field(default_factory=list)  # layers the gguf quantizer rounded again
+    pre_tokenizer: str = "default"  # llama.cpp's name of how text is split before BPE
 
     def as_dict(self) -> dict:
         return {"file": self.path.name, "type": self.file_type, "exact_layers": len(self.exact),
-                "requantized_layers": self.requantized}
+                "requantized_layers": self.requantized, "pre_tokenizer": self.pre_tokenizer}
 
 
-def export_gguf(model: nn.Module, tokenizer: Any, path: Path, file_type: str = "Q8_0") -> GGUFExport:
-    """Write a llama-architecture `model` (quantized or not) and its tokenizer to one GGUF file."""
+def export_gguf(
+    model: nn.Module, tokenizer: Any, path: Path, file_type: str = "Q8_0", name: str | None = None,
+    source_gguf: Path | None = None,
+) -> GGUFExport:
+    """Write a llama-architecture `model` (quantized or not) and its tokenizer to one GGUF file.
+    `name` goes into general.name; `source_gguf`, the GGUF file the model was read from, if
+    any, gives the tokenizer settings llama.cpp needs that a transformers tokenizer does not
+    keep (its pre-tokenizer, whether to add BOS)."""
     import gguf
 
     if file_type not in GGUF_TYPES:
@@ -73,7 +80,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: Path, file_type: str = "
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     try:
-        result = _write(model, tokenizer, partial, path, file_type, main_type, float_matrix_type)
+        result = _write(model, tokenizer, partial, path, file_type, main_type, float_matrix_type, name, source_gguf)
     except BaseException:
         partial.unlink(missing_ok=True)  # never leave half a file that looks like a model
         raise
@@ -81,16 +88,18 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: Path, file_type: str = "
     return result
 
 
-def _write(model: nn.Module, tokenizer: Any, partial: Path, path: Path, file_type: str, main_type, float_matrix_type) -> GGUFExport:
+def _write(
+    model: nn.Module, tokenizer: Any, partial: Path, path: Path, file_type: str, main_type, float_matrix_type,
+    name: str | None, source_gguf: Path | None,
+) -> GGUFExport:
     import gguf
 
     config = model.config
     # tensors are spooled to a temporary file past 256 MB instead of all held in memory
     writer = gguf.GGUFWriter(str(partial), "llama", use_temp_file=True)
-    _write_metadata(writer, model, file_type)
-    _write_tokenizer(writer, tokenizer, config.vocab_size)
-
+    _write_metadata(writer, model, file_type, name)
     result = GGUFExport(path, file_type)
+    result.pre_tokenizer = _write_tokenizer(writer, tokenizer, config.vocab_size, _source_tokenizer_settings(source_gguf))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     written: set[int] = set()
@@ -192,7 +201,7 @@ def _permute_rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def _write_metadata(writer, model: nn.Module, file_type: str) -> None:
+def _write_metadata(writer, model: nn.Module, file_type: str, name: str | None) -> None:
     import gguf
 
     config = model.config
@@ -203,7 +212,8 @@ def _write_metadata(writer, model: nn.Module, file_type: str) -> None:
     theta = rope.get("rope_theta") if isinstance(rope, dict) else None
     theta = theta if theta is not None else getattr(config, "rope_theta", 10000.0)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_name(getattr(config, "_name_or_path", "") or "qforge model")
+    # never the config's _name_or_path: that is a folder on the machine that exported it
+    writer.add_name(name or "qforge model")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -218,9 +228,44 @@ def _write_metadata(writer, model: nn.Module, file_type: str) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _write_tokenizer(writer, tokenizer: Any, vocab_size: int) -> None:
+# llama.cpp's names for pre-tokenizers, by the transformers pre_tokenizer that does the same
+# splitting: GPT-2's byte-level regex alone, or Llama 3's split regex before a byte-level map.
+LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
+def _pre_tokenizer_name(folder: Path) -> str | None:
+    """llama.cpp's pre-tokenizer for a saved byte-level BPE tokenizer, or None when unknown."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    pre = json.loads(path.read_text()).get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if steps and len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel":
+        if (steps[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT:
+            return "llama-bpe"
+    return None
+
+
+def _source_tokenizer_settings(source_gguf: Path | None) -> dict[str, Any]:
+    """tokenizer.ggml.pre / add_bos_token / add_space_prefix of the GGUF file a model came from."""
+    if source_gguf is None:
+        return {}
+    import gguf
+
+    fields = gguf.GGUFReader(str(source_gguf)).fields
+    settings = {}
+    for key in ("pre", "add_bos_token", "add_space_prefix"):
+        field_ = fields.get(f"tokenizer.ggml.{key}")
+        if field_ is not None:
+            settings[key] = field_.contents()
+    return settings
+
+
+def _write_tokenizer(writer, tokenizer: Any, vocab_size: int, source: dict[str, Any]) -> str:
     """Tokens, types, merges and special ids through the gguf package's readers of a saved
-    tokenizer folder."""
+    tokenizer folder; returns the pre-tokenizer name written."""
     import gguf
     from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
 
@@ -250,11 +295,23 @@ def _write_tokenizer(writer, tokenizer: Any, vocab_size: int) -> None:
             scores.append(-1000.0)
             types.append(gguf.TokenType.UNUSED)
         writer.add_tokenizer_model(vocab.tokenizer_model)
-        writer.add_tokenizer_pre("default")
+        # how llama.cpp splits text before BPE: the source GGUF's, else recognized from the
+        # tokenizer, else llama.cpp's default (which splits differently: the report says so)
+        pre = source.get("pre") or (_pre_tokenizer_name(folder) if vocab.tokenizer_model == "gpt2" else None) or "default"
+        writer.add_tokenizer_pre(pre)
+        add_bos = source.get("add_bos_token", getattr(tokenizer, "add_bos_token", None))
+        if add_bos is not None:
+            writer.add_add_bos_token(bool(add_bos))
+        if "add_space_prefix" in source:
+            writer.add_add_space_prefix(bool(source["add_space_prefix"]))
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
-        SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+        special_vocab = SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens))
+        if add_bos is not None:
+            special_vocab.add_special_token.pop("bos", None)  # written above: one key, one value
+        special_vocab.add_to_gguf(writer, quiet=True)
+    return pre
 
 
 def _special_tokens(folder: Path) -> set[str]:

@@ -124,3 +124,57 @@ def test_a_tokenizer_gguf_cannot_describe_fails_before_any_file_is_left(tiny_lla
     with pytest.raises(ExportError, match="neither byte-level BPE nor SentencePiece"):
         export_gguf(tiny_llama, wordpiece, tmp_path / "m.gguf", "Q8_0")
     assert list(tmp_path.iterdir()) == []
+
+
+def _field(path, key):
+    field_ = GGUFReader(str(path)).fields.get(key)
+    return None if field_ is None else field_.contents()
+
+
+def test_llama_cpp_tokenizer_settings_and_name(tiny_llama, bpe_tokenizer, tmp_path):
+    """llama.cpp splits text before BPE by the file's `tokenizer.ggml.pre`: a byte-level BPE
+    tokenizer is GPT-2's split ("default" is a different regex); general.name is the one
+    given, never the config's local folder."""
+    import gguf
+
+    model = tiny_llama
+    model.resize_token_embeddings(len(TOKENS))
+    model.config._name_or_path = "/somewhere/on/the/exporting/machine"
+    path = tmp_path / "plain.gguf"
+    export = export_gguf(model, bpe_tokenizer, path, "F16", name="tiny (w4a16-rtn-g64)")
+    assert export.pre_tokenizer == "gpt-2" and _field(path, "tokenizer.ggml.pre") == "gpt-2"
+    assert _field(path, "general.name") == "tiny (w4a16-rtn-g64)"
+
+    # a model read from a GGUF file keeps that file's tokenizer settings
+    source = tmp_path / "source.gguf"
+    writer = gguf.GGUFWriter(str(source), "llama")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_add_bos_token(False)
+    writer.add_add_space_prefix(False)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    path = tmp_path / "from-gguf.gguf"
+    export = export_gguf(model, bpe_tokenizer, path, "F16", source_gguf=source)
+    assert export.pre_tokenizer == "smollm"
+    assert (_field(path, "tokenizer.ggml.pre"), _field(path, "tokenizer.ggml.add_bos_token")) == ("smollm", False)
+    assert _field(path, "tokenizer.ggml.add_space_prefix") is False
+    assert _field(path, "general.name") == "qforge model"
+
+
+def test_a_llama3_style_tokenizer_is_llama_bpe(tmp_path):
+    from tokenizers import Regex
+
+    from quantcore.export.gguf_export import LLAMA3_SPLIT, _pre_tokenizer_name
+
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(TOKENS)}, merges=[("a", "b")]))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(str(tmp_path))
+    assert _pre_tokenizer_name(tmp_path) == "llama-bpe"
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()  # nothing llama.cpp names: its default, reported
+    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(str(tmp_path))
+    assert _pre_tokenizer_name(tmp_path) is None
