@@ -5,8 +5,10 @@ CPU (always):
   layers   per shape (SmolLM2's 576x1536 and 1536x576, and 4096x4096) and rows (1, 16, 64):
            fp32 F.linear; W8A8 through fbgemm, the raw op alone (codes prepared beforehand)
            and our path (per-token scaling included: the wrapper's overhead is the gap);
-           W4 g64 through the int4 kernel (rows ≤ 8; above, the path is dequantize + BLAS).
-  model    SmolLM2-135M: a 512-token prefill, fp32 against W8A8 (`w8a8-rtn`, fast path);
+           W4 g64 through the int4 path (the kernel for rows ≤ 8; above, its one-pass
+           dequantization + BLAS).
+  model    SmolLM2-135M: a 512-token prefill as generation runs it (KV cache filled, logits
+           of the last position only), fp32 against W8A8 (`w8a8-rtn`, fast path);
            greedy decoding of 32 tokens, fp32 against W4 (`w4a16-rtn-g64`, fast path), and
            whether the fast path produces the same tokens as the dequantize reference.
 GPU (a CUDA device only): the Triton kernels against fp16 cuBLAS; without one the GPU
@@ -52,7 +54,6 @@ def median_ms(fn, repeat: int) -> float:
 
 
 def layer_rows(repeat: int) -> list[str]:
-    from quantcore.kernels import cpu as cpu_kernels
     from quantcore.modules import QuantizedLinear, cpu_paths
     from quantcore.schemes import QuantScheme
 
@@ -84,10 +85,8 @@ def layer_rows(repeat: int) -> list[str]:
                     scaled = x / (s_x * 127)
                     raw = median_ms(lambda: torch.ops.quantized.linear_dynamic(scaled, path8.packed, True), repeat)
                 ours8 = median_ms(lambda: path8(x, q8), repeat)
-                if path4 is not None and rows <= cpu_kernels.MAX_ROWS:
-                    ours4 = median_ms(lambda: path4(x, q4), repeat)
-                else:  # above decode sizes the int4 path is the reference's dequantize + matmul
-                    ours4 = median_ms(lambda: q4.forward_reference(x), repeat)
+                # the int4 path: the kernel up to MAX_ROWS rows, its one-pass dequantization + BLAS above
+                ours4 = median_ms(lambda: path4(x, q4), repeat) if path4 is not None else float("nan")
             lines.append(
                 f"| {out_f}x{in_f} | {rows} | {fp32:.3f} | {raw:.3f} | {ours8:.3f} | {fp32 / ours8:.2f}x | "
                 f"{ours8 / raw:.2f} | {ours4:.3f} | {fp32 / ours4:.2f}x |"
@@ -108,8 +107,9 @@ def model_rows(repeat: int, new_tokens: int) -> list[str]:
     prompt = evaluation[:16].unsqueeze(0)
 
     def prefill_ms(model) -> float:
+        # as generation prefills: the cache filled, logits for the last position only
         with torch.inference_mode():
-            return median_ms(lambda: model(prefill_ids, use_cache=False), max(3, repeat // 5))
+            return median_ms(lambda: model(prefill_ids, use_cache=True, logits_to_keep=1), max(3, repeat // 5))
 
     def decode(model) -> tuple[float, list[int]]:
         """Greedy tokens and tokens/s of the new tokens (a 16-token prompt)."""

@@ -40,12 +40,22 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 constexpr int64_t kMaxRows = 8;
+
+// Our OpenMP runtime is not torch's: follow torch's thread count (torch.set_num_threads).
+static inline void follow_torch_threads() {
+#ifdef _OPENMP
+  omp_set_num_threads(at::get_num_threads());
+#endif
+}
 
 #if defined(__AVX512F__)
   #define QF_LANES 16
@@ -128,6 +138,7 @@ static inline void row_dot(const uint8_t* row, const float* xe, const float* xo,
 // scales, zeros: (N, G) float32 (zeros = Z', the code of 0.0); bias: (N,) or empty. -> (M, N)
 torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                          torch::Tensor zeros, torch::Tensor bias) {
+  follow_torch_threads();
   const int64_t M = x.size(0), K = x.size(1), N = scales.size(0), G = scales.size(1);
   TORCH_CHECK(M >= 1 && M <= kMaxRows, "1 to ", kMaxRows, " rows");
   const int64_t group = K / G, half_group = group / 2, half_k = K / 2;
@@ -171,6 +182,7 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 // Ŵ (N, K) float32 = (u - Z') * S, for inputs too large for w4a16_gemv (prefill): one pass
 // over the codes, the BLAS matmul then does the arithmetic.
 torch::Tensor w4_dequantize(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t K) {
+  follow_torch_threads();
   const int64_t N = scales.size(0), G = scales.size(1), group = K / G, half_k = K / 2;
   auto out = torch::empty({N, K}, scales.options());
   float* wp = out.data_ptr<float>();
@@ -197,6 +209,7 @@ torch::Tensor w4_dequantize(torch::Tensor qweight, torch::Tensor scales, torch::
 // quantization then stores exactly), and S_x = max|x|/127 per row (1 for an all-zero row).
 // The same float operations as the PyTorch reference: max, one division by 127, one per element.
 std::vector<torch::Tensor> int8_row_codes(torch::Tensor x, bool per_token) {
+  follow_torch_threads();
   const int64_t M = x.size(0), K = x.size(1);
   auto codes = torch::empty_like(x);
   auto scales = torch::empty({per_token ? M : 1, 1}, x.options());
@@ -226,6 +239,7 @@ std::vector<torch::Tensor> int8_row_codes(torch::Tensor x, bool per_token) {
 
 // y[m, n] = y[m, n] * s[m] (+ bias[n]), in place: two roundings, as y.mul_(s).add_(bias).
 void scale_rows_add_bias(torch::Tensor y, torch::Tensor scales, torch::Tensor bias) {
+  follow_torch_threads();
   const int64_t M = y.size(0), N = y.size(1);
   const bool per_row = scales.numel() > 1;
   float* yp = y.data_ptr<float>();
@@ -282,13 +296,21 @@ def _load():
                 log.info("compiling the int4 CPU kernel (once per machine kind)")
                 _module = load_inline(
                     name="qforge_cpu_kernels", cpp_sources=[_SOURCE], functions=["w4a16_gemv", "w4_dequantize", "int8_row_codes", "scale_rows_add_bias"],
-                    extra_cflags=["-O3", "-march=native", "-ffp-contract=off"], build_directory=str(_build_dir()),
+                    extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"], build_directory=str(_build_dir()),
                     verbose=False,
                 )
             except Exception as exc:  # no compiler, or a failed build: the dequantize path is used
                 _failed = f"{type(exc).__name__}: {exc}"
                 log.warning("the int4 CPU kernel is unavailable (%s); int4 layers dequantize instead", _failed)
     return _module
+
+
+def load():
+    """The compiled module (built on first use); RuntimeError when it cannot be built."""
+    module = _load()
+    if module is None:
+        raise RuntimeError(f"the CPU kernels are unavailable: {_failed}")
+    return module
 
 
 def available() -> bool:

@@ -130,24 +130,30 @@ class Int4Path:
     name = "int4"
 
     def __init__(self, layer: QuantizedLinear) -> None:
+        from quantcore.kernels import cpu as cpu_kernels
         from quantcore.kernels.reference import INT4_SYMMETRIC_ZERO, int4_group_params
 
         scales, zeros, _ = int4_group_params(layer.scale, layer.zero_point, layer.out_features, layer.in_features)
         self.scales = scales.float().contiguous()
         # Z' is the stored code of 0.0: Z with zero points, 8 on the symmetric grid
         self.zeros = zeros.float().contiguous() if zeros is not None else torch.full_like(self.scales, INT4_SYMMETRIC_ZERO)
-        self.bias = None if layer.bias is None else layer.bias.float().contiguous()
+        self.bias = layer.bias.float().contiguous() if layer.bias is not None else torch.empty(0)
+        self.max_rows = cpu_kernels.MAX_ROWS
+        module = cpu_kernels.load()  # bound once: at decode sizes Python's own overhead shows
+        self.gemv, self.dequantize = module.w4a16_gemv, module.w4_dequantize
 
     def __call__(self, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
-        from quantcore.kernels import cpu as cpu_kernels
-
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] > cpu_kernels.MAX_ROWS:  # prefill: Ŵ in one pass over the codes, then BLAS
-            weight = cpu_kernels.w4_dequantize(layer.qweight, self.scales, self.zeros, layer.in_features)
-            return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        y = cpu_kernels.w4a16_gemv(x2.float(), layer.qweight, self.scales, self.zeros, self.bias)
-        return y.reshape(*shape[:-1], layer.out_features).to(x.dtype)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        if x2.shape[0] > self.max_rows:  # prefill: Ŵ in one pass over the codes, then BLAS
+            weight = self.dequantize(layer.qweight, self.scales, self.zeros, layer.in_features)
+            y = F.linear(x2, weight, self.bias if self.bias.numel() else None)
+        else:
+            y = self.gemv(x2, layer.qweight, self.scales, self.zeros, self.bias)
+        y = y.reshape(*shape[:-1], layer.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def choose(layer: QuantizedLinear, approximate: bool = False) -> Int8Path | Int4Path | None:
