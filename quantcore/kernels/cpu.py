@@ -195,6 +195,7 @@ torch::Tensor w4_dequantize(torch::Tensor qweight, torch::Tensor scales, torch::
       float* w = wp + n * K;
       for (int64_t g = 0; g < G; ++g) {  // groups are even-sized: a byte never straddles two
         const float s = sp[n * G + g], z = zp[n * G + g];
+        #pragma omp simd
         for (int64_t j = g * group / 2; j < (g + 1) * group / 2; ++j) {
           w[2 * j] = ((float)(row[j] & 15) - z) * s;
           w[2 * j + 1] = ((float)(row[j] >> 4) - z) * s;
@@ -202,6 +203,23 @@ torch::Tensor w4_dequantize(torch::Tensor qweight, torch::Tensor scales, torch::
       }
     }
   });
+  return out;
+}
+
+// y = x Ŵᵀ (+ bias) for many rows of x (prefill): Ŵ dequantized a block of output rows at a
+// time into a small buffer that stays in cache, each block one BLAS matmul. Dequantizing the
+// whole weight at once would write (and page-fault in) 4 bytes per weight on every call.
+torch::Tensor w4a16_blocked(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                            torch::Tensor zeros, torch::Tensor bias, int64_t block) {
+  const int64_t M = x.size(0), K = x.size(1), N = scales.size(0), G = scales.size(1);
+  auto out = torch::empty({M, N}, x.options());
+  for (int64_t n0 = 0; n0 < N; n0 += block) {
+    const int64_t n1 = std::min(N, n0 + block);
+    auto tile = w4_dequantize(qweight.narrow(0, n0 * K / 2, (n1 - n0) * K / 2), scales.narrow(0, n0, n1 - n0),
+                              zeros.narrow(0, n0, n1 - n0), K);
+    out.narrow(1, n0, n1 - n0).copy_(at::mm(x, tile.t()));
+  }
+  if (bias.numel()) out.add_(bias);
   return out;
 }
 
@@ -227,10 +245,12 @@ std::vector<torch::Tensor> int8_row_codes(torch::Tensor x, bool per_token) {
       float s = sp[0];
       if (per_token) {
         float m = 0.f;
+        #pragma omp simd reduction(max:m)
         for (int64_t k = 0; k < K; ++k) m = std::max(m, std::fabs(row[k]));
         s = m / 127.f > 0.f ? m / 127.f : 1.f;
         sp[r] = s;
       }
+      #pragma omp simd
       for (int64_t k = 0; k < K; ++k) cp[r * K + k] = std::nearbyint(row[k] / s);
     }
   });
@@ -295,8 +315,8 @@ def _load():
 
                 log.info("compiling the int4 CPU kernel (once per machine kind)")
                 _module = load_inline(
-                    name="qforge_cpu_kernels", cpp_sources=[_SOURCE], functions=["w4a16_gemv", "w4_dequantize", "int8_row_codes", "scale_rows_add_bias"],
-                    extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"], build_directory=str(_build_dir()),
+                    name="qforge_cpu_kernels", cpp_sources=[_SOURCE], functions=["w4a16_gemv", "w4_dequantize", "w4a16_blocked", "int8_row_codes", "scale_rows_add_bias"],
+                    extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"], extra_ldflags=["-fopenmp"], build_directory=str(_build_dir()),
                     verbose=False,
                 )
             except Exception as exc:  # no compiler, or a failed build: the dequantize path is used

@@ -14,7 +14,7 @@
     int4   weight-only int4 (group-wise or per channel, symmetric or with zero points): the
            C++ kernel of `quantcore.kernels.cpu` for decode-sized inputs (at most
            MAX_ROWS rows), which reads the packed codes and never forms Ŵ; larger inputs
-           (prefill) get Ŵ from the kernel's one-pass dequantization and the BLAS matmul.
+           (prefill) dequantize Ŵ a block of rows at a time, each block one BLAS matmul.
 
 Which path a layer takes is decided once, from its schemes and this CPU (`choose`).
 """
@@ -26,7 +26,6 @@ import warnings
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from quantcore.schemes import Granularity, QuantType
 
@@ -126,6 +125,9 @@ class Int8Path:
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
+PREFILL_BLOCK_ROWS = 256  # output rows of Ŵ dequantized at once: 4 MB of fp32 at K = 4096
+
+
 class Int4Path:
     name = "int4"
 
@@ -140,16 +142,15 @@ class Int4Path:
         self.bias = layer.bias.float().contiguous() if layer.bias is not None else torch.empty(0)
         self.max_rows = cpu_kernels.MAX_ROWS
         module = cpu_kernels.load()  # bound once: at decode sizes Python's own overhead shows
-        self.gemv, self.dequantize = module.w4a16_gemv, module.w4_dequantize
+        self.gemv, self.blocked = module.w4a16_gemv, module.w4a16_blocked
 
     def __call__(self, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
-        if x2.shape[0] > self.max_rows:  # prefill: Ŵ in one pass over the codes, then BLAS
-            weight = self.dequantize(layer.qweight, self.scales, self.zeros, layer.in_features)
-            y = F.linear(x2, weight, self.bias if self.bias.numel() else None)
+        if x2.shape[0] > self.max_rows:  # prefill: Ŵ a block of rows at a time, each block BLAS
+            y = self.blocked(x2, layer.qweight, self.scales, self.zeros, self.bias, PREFILL_BLOCK_ROWS)
         else:
             y = self.gemv(x2, layer.qweight, self.scales, self.zeros, self.bias)
         y = y.reshape(*shape[:-1], layer.out_features)
