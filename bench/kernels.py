@@ -106,36 +106,44 @@ def model_rows(repeat: int, new_tokens: int) -> list[str]:
     prefill_ids = evaluation[:512].unsqueeze(0)
     prompt = evaluation[:16].unsqueeze(0)
 
-    def prefill_ms(model) -> float:
+    def prefill_once(model) -> float:
         # as generation prefills: the cache filled, logits for the last position only
-        with torch.inference_mode():
-            return median_ms(lambda: model(prefill_ids, use_cache=True, logits_to_keep=1), max(3, repeat // 5))
+        start = time.perf_counter()
+        model(prefill_ids, use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - start
 
-    def decode(model) -> tuple[float, list[int]]:
-        """Greedy tokens and tokens/s of the new tokens (a 16-token prompt)."""
-        with torch.inference_mode():
-            kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-            model.generate(prompt, **kwargs)  # warm-up
-            runs = []
-            for _ in range(3):
-                start = time.perf_counter()
-                out = model.generate(prompt, **kwargs)
-                runs.append(time.perf_counter() - start)
-        return new_tokens / statistics.median(runs), out[0, prompt.shape[1]:].tolist()
+    def decode_once(model) -> tuple[float, list[int]]:
+        """Tokens/s of the new tokens (a 16-token prompt, greedy), and the tokens."""
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        start = time.perf_counter()
+        out = model.generate(prompt, **kwargs)
+        return new_tokens / (time.perf_counter() - start), out[0, prompt.shape[1]:].tolist()
 
-    fp32_prefill = prefill_ms(fp32_model)
-    fp32_tps, _ = decode(fp32_model)
+    def alternate(measure, a, b, rounds: int) -> tuple[float, float]:
+        """Median of each model's runs, taken turn about so that the machine's load drifts
+        over both alike (one warm-up each first)."""
+        measure(a), measure(b)
+        runs_a, runs_b = [], []
+        for _ in range(rounds):
+            runs_a.append(measure(a))
+            runs_b.append(measure(b))
+        return statistics.median(runs_a), statistics.median(runs_b)
 
     w8a8 = load_model("bundled:smollm2-135m").model.eval()
     quantize(w8a8, "w8a8-rtn")
     enabled8 = enable_fast_path(w8a8)
-    w8a8_prefill = prefill_ms(w8a8)
+    with torch.inference_mode():
+        fp32_s, w8a8_s = alternate(prefill_once, fp32_model, w8a8, 7)
+    fp32_prefill, w8a8_prefill = fp32_s * 1000, w8a8_s * 1000
+    del w8a8
 
     w4 = load_model("bundled:smollm2-135m").model.eval()
     quantize(w4, "w4a16-rtn-g64")
-    reference_tps, reference_tokens = decode(w4)  # fast paths off: the dequantize reference
-    enabled4 = enable_fast_path(w4)
-    w4_tps, w4_tokens = decode(w4)
+    with torch.inference_mode():
+        reference_tps, reference_tokens = decode_once(w4)  # fast paths off: the dequantize reference
+        enabled4 = enable_fast_path(w4)
+        _, w4_tokens = decode_once(w4)
+        fp32_tps, w4_tps = alternate(lambda m: decode_once(m)[0], fp32_model, w4, 5)
     same = sum(a == b for a, b in zip(w4_tokens, reference_tokens))
     return [
         "| model step | fp32 | quantized (fast path) | ratio | target |",
