@@ -102,6 +102,18 @@ def evaluation_text(tokens: int, dest: Path) -> Path:
     return dest
 
 
+def float_gguf(dest: Path) -> Path:
+    """The float model (what every job starts from) exported by qforge as an F16 GGUF file:
+    in llama.cpp it should score as the source file does, which checks the export itself."""
+    from quantcore.export.gguf_export import export_gguf
+    from quantcore.models import load_model
+
+    loaded = load_model(SMOLLM2)
+    export_gguf(loaded.model, loaded.tokenizer, dest, "F16", name="smollm2-135m (float)",
+                source_gguf=loaded.ref.path / loaded.ref.gguf_file)
+    return dest
+
+
 def llama_cpp_perplexity(program: str, gguf_file: Path, text: Path) -> float:
     """llama.cpp's own perplexity of a GGUF file (512-token windows, 2 threads)."""
     import re
@@ -142,7 +154,7 @@ def main() -> int:
     header = run_header(SEED, model=SMOLLM2, calibration="128 x 512 tokens", evaluation_tokens=args.tokens)
     print("\n".join(header), flush=True)
     rows: list[dict] = []
-    llama_reference = None
+    llama_reference = llama_float = None
     if args.llama_perplexity:
         from quantcore.models import resolve_model_ref
 
@@ -151,6 +163,8 @@ def main() -> int:
         source_gguf = source.path / source.gguf_file
         llama_reference = llama_cpp_perplexity(args.llama_perplexity, source_gguf, text)
         print(f"llama.cpp perplexity of the source GGUF ({source_gguf.name}): {llama_reference:.3f}", flush=True)
+        llama_float = llama_cpp_perplexity(args.llama_perplexity, float_gguf(text.parent / "float-F16.gguf"), text)
+        print(f"llama.cpp perplexity of the float model exported by qforge as F16: {llama_float:.3f}", flush=True)
     for preset in args.presets.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             job = _child(["--quantize", preset, "--tokens", str(args.tokens)], Path(tmp) / "job.json")
@@ -172,20 +186,20 @@ def main() -> int:
                 print(f"{preset} {fmt}: job ppl {job['report_perplexity']:.3f}, reloaded {row['perplexity']:.3f}, "
                       f"load {row['load_s']:.1f} s, {row['bytes'] / 1e6:.1f} MB", flush=True)
                 if args.results:  # after every row: an interrupted run keeps what it measured
-                    write_section(args.results, args.section, header, _table(rows, llama_reference),
+                    write_section(args.results, args.section, header, _table(rows, llama_reference, llama_float),
                                   " ".join(["python"] + sys.argv))
-    print("\n" + _table(rows, llama_reference))
+    print("\n" + _table(rows, llama_reference, llama_float))
     return 0
 
 
-def _table(rows: list[dict], llama_reference: float | None = None) -> str:
+def _table(rows: list[dict], llama_reference: float | None = None, llama_float: float | None = None) -> str:
     lines = []
     if rows:
         lines.append(f"SmolLM2-135M fp32 perplexity: {rows[0]['job']['baseline_perplexity']:.3f}")
     if llama_reference is not None:
         lines.append("")
         lines.append(f"llama.cpp perplexity of the source model's GGUF file (Q4_1, what qforge dequantizes to fp32): "
-                     f"{llama_reference:.3f}")
+                     f"{llama_reference:.3f}; of that fp32 model exported by qforge as F16: {llama_float:.3f}")
     lines += [
         "",
         "| preset | format | job ppl | reloaded ppl | vs job | vs fp32 | artifact MB | linear bytes / fp16 | load s | reload peak RSS GB | llama.cpp ppl | target |",
