@@ -24,6 +24,7 @@ for the CPU it runs on (-march=native). `available()` says whether it could be b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -34,7 +35,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 8  # above this many rows of x, dequantizing once and using the BLAS matmul wins
+MAX_ROWS = 8  # above this many rows of x, dequantizing blocks of Ŵ for the BLAS matmul wins
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -50,7 +51,9 @@ _SOURCE = r"""
 
 constexpr int64_t kMaxRows = 8;
 
-// Our OpenMP runtime is not torch's: follow torch's thread count (torch.set_num_threads).
+// The extension shares torch's OpenMP runtime (the same libgomp.so.1, loaded first by torch),
+// but OpenMP's thread count is per calling thread: a request served on another thread than
+// the one torch.set_num_threads ran on would otherwise use every core.
 static inline void follow_torch_threads() {
 #ifdef _OPENMP
   omp_set_num_threads(at::get_num_threads());
@@ -284,19 +287,21 @@ _module = None
 _failed: str | None = None
 
 
-def _cpu_flags() -> str:
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """This CPU's instruction-set flags (/proc/cpuinfo; empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 if line.startswith("flags"):
-                    return " ".join(sorted(line.split(":", 1)[1].split()))
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return ""
+    return frozenset()
 
 
 def _build_dir() -> Path:
-    key = hashlib.sha256((_SOURCE + _cpu_flags() + torch.__version__).encode()).hexdigest()[:16]
+    key = hashlib.sha256((_SOURCE + " ".join(sorted(cpu_flags())) + torch.__version__).encode()).hexdigest()[:16]
     root = Path(os.environ.get("QFORGE_CACHE_DIR", Path.home() / ".cache" / "qforge")).expanduser()
     folder = root / "kernels" / f"cpu_kernels-{key}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -313,15 +318,15 @@ def _load():
             try:
                 from torch.utils.cpp_extension import load_inline
 
-                log.info("compiling the int4 CPU kernel (once per machine kind)")
+                log.info("compiling the CPU kernels (once per machine kind)")
                 _module = load_inline(
                     name="qforge_cpu_kernels", cpp_sources=[_SOURCE], functions=["w4a16_gemv", "w4_dequantize", "w4a16_blocked", "int8_row_codes", "scale_rows_add_bias"],
                     extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"], extra_ldflags=["-fopenmp"], build_directory=str(_build_dir()),
                     verbose=False,
                 )
-            except Exception as exc:  # no compiler, or a failed build: the dequantize path is used
+            except Exception as exc:  # no compiler, or a failed build: layers keep the reference path
                 _failed = f"{type(exc).__name__}: {exc}"
-                log.warning("the int4 CPU kernel is unavailable (%s); int4 layers dequantize instead", _failed)
+                log.warning("the CPU kernels are unavailable (%s); int4 and int8 layers keep the reference path", _failed)
     return _module
 
 
@@ -340,36 +345,3 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     _load()
     return _failed
-
-
-def w4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Ŵ (N, K) float32 from the packed codes, (N, K/G) float32 S and Z'. Needs `available()`."""
-    module = _load()
-    if module is None:
-        raise RuntimeError(f"the int4 CPU kernel is unavailable: {_failed}")
-    return module.w4_dequantize(qweight, scales, zeros, in_features)
-
-
-def int8_row_codes(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(codes as float32, S_x (M, 1) or (1, 1)) of symmetric int8 rows; None without the module."""
-    module = _load()
-    return None if module is None else tuple(module.int8_row_codes(x.contiguous(), per_token))
-
-
-def scale_rows_add_bias(y: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
-    _load().scale_rows_add_bias(y, scales, torch.empty(0) if bias is None else bias)
-
-
-def w4a16_gemv(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """y = x Ŵᵀ (+ bias) for x (M, K) float32 with M ≤ MAX_ROWS (any M works; larger is slower
-    than the BLAS path). `scales`, `zeros`: (N, K/G) float32, zeros holding Z' (8 for
-    symmetric grids). Needs `available()`."""
-    module = _load()
-    if module is None:
-        raise RuntimeError(f"the int4 CPU kernel is unavailable: {_failed}")
-    if x.shape[1] % (2 * scales.shape[1]):
-        raise ValueError(f"groups of {x.shape[1] // scales.shape[1]} columns: the kernel needs an even group size")
-    empty = torch.empty(0)
-    return module.w4a16_gemv(x.contiguous(), qweight, scales, zeros, empty if bias is None else bias.float().contiguous())

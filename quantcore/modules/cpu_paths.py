@@ -21,28 +21,16 @@ Which path a layer takes is decided once, from its schemes and this CPU (`choose
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import TYPE_CHECKING
 
 import torch
 
+from quantcore.kernels.cpu import cpu_flags
 from quantcore.schemes import Granularity, QuantType
 
 if TYPE_CHECKING:
     from quantcore.modules.quantized_linear import QuantizedLinear
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def has_vnni() -> bool:
@@ -78,6 +66,9 @@ def is_w4a16(layer: QuantizedLinear) -> bool:
     return weight.granularity in (Granularity.GROUP, Granularity.CHANNEL) and group % 2 == 0 and layer.in_features % 2 == 0
 
 
+_NO_BIAS = torch.empty(0)  # the C++ functions' "no bias"
+
+
 class Int8Path:
     name = "int8"
 
@@ -85,7 +76,10 @@ class Int8Path:
         from quantcore.kernels import cpu as cpu_kernels
 
         self.exact = exact
-        self.kernels = cpu_kernels if use_kernels and exact and cpu_kernels.available() else None
+        # the per-token steps in C++, bound once (at decode sizes Python's own overhead shows)
+        module = cpu_kernels.load() if use_kernels and exact and cpu_kernels.available() else None
+        self.row_codes = module.int8_row_codes if module is not None else None
+        self.scale_rows = module.scale_rows_add_bias if module is not None else None
         self.per_token = layer.activation_scheme.granularity == Granularity.TOKEN
         self.bias = None if layer.bias is None else layer.bias.float()
         self.out_features = layer.out_features
@@ -104,10 +98,10 @@ class Int8Path:
         # as the int8 matmul itself.
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
-        if self.exact and self.kernels is not None:  # the steps below in two C++ passes
-            codes, s_x = self.kernels.int8_row_codes(x2, self.per_token)
+        if self.row_codes is not None:  # the steps below in two C++ passes
+            codes, s_x = self.row_codes(x2.contiguous(), self.per_token)
             y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(codes, 1.0, 128, self.packed)
-            self.kernels.scale_rows_add_bias(y, s_x, self.bias)
+            self.scale_rows(y, s_x, self.bias if self.bias is not None else _NO_BIAS)
             return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         dim = -1 if self.per_token else None
         s_x = torch.linalg.vector_norm(x2, float("inf"), dim=dim, keepdim=True).div_(127)
@@ -139,7 +133,7 @@ class Int4Path:
         self.scales = scales.float().contiguous()
         # Z' is the stored code of 0.0: Z with zero points, 8 on the symmetric grid
         self.zeros = zeros.float().contiguous() if zeros is not None else torch.full_like(self.scales, INT4_SYMMETRIC_ZERO)
-        self.bias = layer.bias.float().contiguous() if layer.bias is not None else torch.empty(0)
+        self.bias = layer.bias.float().contiguous() if layer.bias is not None else _NO_BIAS
         self.max_rows = cpu_kernels.MAX_ROWS
         module = cpu_kernels.load()  # bound once: at decode sizes Python's own overhead shows
         self.gemv, self.blocked = module.w4a16_gemv, module.w4a16_blocked

@@ -52,7 +52,7 @@ def test_int8_path_reproduces_the_int8_reference_where_the_cpu_has_vnni(rows, ac
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-4 * expect.abs().max().item())
     torch.testing.assert_close(got, q.forward_reference(x), rtol=1e-4, atol=1e-4 * expect.abs().max().item())
     in_torch = cpu_paths.Int8Path(q, exact=True, use_kernels=False)(x, q)  # the same steps in PyTorch ops
-    assert path.kernels is not None and torch.equal(got, in_torch)
+    assert path.row_codes is not None and torch.equal(got, in_torch)
 
 
 def test_approximate_int8_path_stays_close_to_the_reference():
@@ -95,7 +95,7 @@ def test_int4_kernel_matches_the_unpack_and_dequantize_reference(int4_kernel, ro
 def test_int4_kernel_dequantizes_exactly_as_the_reference(int4_kernel, shape, scheme):
     q = layer(*shape, scheme)
     path = cpu_paths.choose(q)
-    got = cpu_kernels.w4_dequantize(q.qweight, path.scales, path.zeros, shape[1])
+    got = cpu_kernels.load().w4_dequantize(q.qweight, path.scales, path.zeros, shape[1])
     assert torch.equal(got, dequantize_int4(q.qweight, q.scale, q.zero_point, *shape))
 
 
