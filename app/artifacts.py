@@ -88,7 +88,8 @@ def expires_at(job: Job, settings: Settings) -> dt.datetime | None:
 # --------------------------------------------------------------------------------------
 # downloads
 # --------------------------------------------------------------------------------------
-def _store_unavailable(exc: ArtifactStoreError) -> Problem:
+def store_unavailable(exc: Exception) -> Problem:
+    """The 503 a request gets when the artifact store cannot serve it."""
     log.error("artifact store: %s", exc)
     return Problem(503, "artifact-store-unavailable", "Artifact store unavailable", str(exc))
 
@@ -131,7 +132,7 @@ def artifact_response(store: ArtifactStore, artifact: StoredArtifact, range_head
         start, end = span if span is not None else (0, size - 1)
         chunks = store.read(artifact.file, start, end) if size else iter(())
     except ArtifactStoreError as exc:
-        raise _store_unavailable(exc) from None
+        raise store_unavailable(exc) from None
     headers |= {
         "Accept-Ranges": "bytes",
         "Content-Length": str(end - start + 1 if size else 0),
@@ -179,7 +180,7 @@ def signed_link(settings: Settings, artifact: StoredArtifact, expires_in: int, b
         try:
             url = store.signed_url(artifact.file, expires_in, artifact.download_name)
         except ArtifactStoreError as exc:
-            raise _store_unavailable(exc) from None
+            raise store_unavailable(exc) from None
         if url is not None:
             return url, expires
     stamp = int(expires.timestamp())

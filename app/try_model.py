@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from app.artifact_store import ArtifactStoreError, store_for
-from app.artifacts import find_artifact
+from app.artifacts import find_artifact, store_unavailable
 from app.core.config import Settings
 from app.errors import Problem
 from app.models import Job
@@ -59,7 +59,7 @@ def _fetch(settings: Settings, job: Job) -> Path:
                     out.write(chunk)
         except (ArtifactStoreError, FileNotFoundError) as exc:
             shutil.rmtree(root, ignore_errors=True)
-            raise Problem(503, "artifact-store-unavailable", "Artifact store unavailable", str(exc)) from None
+            raise store_unavailable(exc) from None
         staging = root / "staging"
         open_artifact(archive, staging)
         archive.unlink()

@@ -11,7 +11,7 @@ from sse_starlette import EventSourceResponse
 from app import artifacts, crud, jobs, try_model
 from app.artifact_store import ArtifactStoreError, store_for
 from app.api.deps import JobDep, SessionDep, SettingsDep
-from app.errors import Problem, validation_problem
+from app.errors import validation_problem
 from app.events import job_events
 from app.models import JobStatus
 from app.schemas import ArtifactLink, ArtifactLinkRequest, JobOut, JobPage
@@ -97,7 +97,7 @@ def delete_artifacts(job: JobDep, session: SessionDep, settings: SettingsDep) ->
     try:
         artifacts.delete_artifacts(session, job, store_for(settings), "request")
     except ArtifactStoreError as exc:
-        raise Problem(503, "artifact-store-unavailable", "Artifact store unavailable", str(exc)) from None
+        raise artifacts.store_unavailable(exc) from None
     session.refresh(job)
     return JobOut.from_row(job, settings)
 
