@@ -125,10 +125,6 @@ def failure_reason(exc: BaseException) -> str:
     return reason if len(reason) <= 2000 else reason[:1999] + "…"
 
 
-def _remove(path: Path) -> None:
-    """Delete a file or folder; also the `.partial` file an interrupted archive leaves."""
-    for target in (path, path.with_name(path.name + ".partial")):
-        if target.is_dir():
-            shutil.rmtree(target, ignore_errors=True)
-        else:
-            target.unlink(missing_ok=True)
+def _remove(folder: Path) -> None:
+    """Delete a job's work folder (its archives are built inside it, `.partial` files too)."""
+    shutil.rmtree(folder, ignore_errors=True)
