@@ -3,8 +3,9 @@ one run (the machines are shared and noisy: compare within a run, not across run
 
 CPU (always):
   layers   per shape (SmolLM2's 576x1536 and 1536x576, and 4096x4096) and rows (1, 16, 64):
-           fp32 F.linear; W8A8 through fbgemm, the raw op alone (codes prepared beforehand)
-           and our path (per-token scaling included: the wrapper's overhead is the gap);
+           fp32 F.linear; W8A8 through its engine (oneDNN on CPUs with AMX, fbgemm on the
+           others), the raw op alone called from Python (codes prepared beforehand) and our
+           path (per-token quantization and scaling included: the wrapper's overhead is the gap);
            W4 g64 through the int4 path (the kernel for rows ≤ 8; above, its one-pass
            dequantization + BLAS).
   model    SmolLM2-135M: a 512-token prefill as generation runs it (KV cache filled, logits
@@ -77,7 +78,11 @@ def layer_rows(repeat: int) -> list[str]:
             with torch.inference_mode():
                 fp32 = median_ms(lambda: F.linear(x, linear.weight, linear.bias), repeat)
                 s_x = x.abs().amax(dim=-1, keepdim=True) / 127
-                if exact:
+                if path8.engine == "onednn":  # the op from Python, int8 codes prepared beforehand
+                    codes = torch.round(x / s_x).to(torch.int8)
+                    raw = median_ms(lambda: torch.ops.onednn.qlinear_pointwise(
+                        codes, 1.0, 0, path8.packed, path8.w_scale, path8.w_zero, None, 1.0, 0, torch.float32, "none", [], ""), repeat)
+                elif exact:
                     codes = torch.round(x / s_x)
                     raw = median_ms(lambda: torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
                         codes, 1.0, 128, path8.packed), repeat)
@@ -178,7 +183,9 @@ def main() -> int:
     from quantcore.modules import cpu_paths
 
     torch.manual_seed(SEED)
-    header = run_header(SEED, vnni=cpu_paths.has_vnni(), int4_kernel=cpu_kernels.available())
+    engine = "onednn" if cpu_kernels.available() and cpu_paths.onednn_int8_available() else "fbgemm"
+    header = run_header(SEED, vnni=cpu_paths.has_vnni(), amx_int8=cpu_paths.has_amx_int8(), int8_engine=engine,
+                        int4_kernel=cpu_kernels.available())
     print("\n".join(header), flush=True)
     lines = layer_rows(args.repeat)
     print("\n".join(lines), flush=True)

@@ -40,6 +40,7 @@ MAX_ROWS = 8  # above this many rows of x, dequantizing blocks of Ŵ for the BLA
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <immintrin.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -47,6 +48,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 constexpr int64_t kMaxRows = 8;
@@ -226,38 +228,101 @@ torch::Tensor w4a16_blocked(torch::Tensor x, torch::Tensor qweight, torch::Tenso
   return out;
 }
 
-// W8A8 around fbgemm: per-token symmetric int8 codes, as float (what fbgemm's static input
-// quantization then stores exactly), and S_x = max|x|/127 per row (1 for an all-zero row).
-// The same float operations as the PyTorch reference: max, one division by 127, one per element.
-std::vector<torch::Tensor> int8_row_codes(torch::Tensor x, bool per_token) {
-  follow_torch_threads();
+// W8A8: per-token symmetric int8 codes and S_x = max|x|/127 per row (1 for an all-zero row),
+// with the same float operations as the PyTorch reference: max, one division by 127, one
+// per element. Codes are written as float for fbgemm (whose static input quantization then
+// stores them exactly) or as int8 for oneDNN.
+// Rows per task of the element-wise steps: at least 64K elements, so that decode-sized inputs
+// run on the calling thread (starting the OpenMP team costs more than the work).
+static inline int64_t rows_per_task(int64_t row_length) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, row_length)); }
+
+// max |x| of a row, and the row's codes nearbyint(x / s) (half to even, as torch.round):
+// written out in AVX-512 because GCC leaves the float-to-int8 conversion scalar.
+static inline float row_absmax(const float* row, int64_t K) {
+  float m = 0.f;
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  __m512 vm = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) vm = _mm512_max_ps(vm, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+  m = _mm512_reduce_max_ps(vm);
+#endif
+  for (; k < K; ++k) m = std::max(m, std::fabs(row[k]));
+  return m;
+}
+
+template <typename Code>
+static inline void row_to_codes(const float* row, float s, Code* out, int64_t K) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  const __m512 vs = _mm512_set1_ps(s);
+  for (; k + 16 <= K; k += 16) {
+    const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(row + k), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    if constexpr (std::is_same_v<Code, float>) {
+      _mm512_storeu_ps(out + k, q);
+    } else {  // |q| ≤ 127 already; the saturating narrow is only the conversion
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q)));
+    }
+  }
+#endif
+  for (; k < K; ++k) out[k] = static_cast<Code>(std::nearbyint(row[k] / s));
+}
+
+template <typename Code>
+static void row_codes(const torch::Tensor& x, bool per_token, Code* cp, float* sp) {
   const int64_t M = x.size(0), K = x.size(1);
-  auto codes = torch::empty_like(x);
-  auto scales = torch::empty({per_token ? M : 1, 1}, x.options());
   const float* xp = x.data_ptr<float>();
-  float* cp = codes.data_ptr<float>();
-  float* sp = scales.data_ptr<float>();
   if (!per_token) {
-    float m = 0.f;
-    for (int64_t i = 0; i < M * K; ++i) m = std::max(m, std::fabs(xp[i]));
+    const float m = row_absmax(xp, M * K);
     sp[0] = m / 127.f > 0.f ? m / 127.f : 1.f;
   }
-  at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, M, rows_per_task(K), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = xp + r * K;
       float s = sp[0];
       if (per_token) {
-        float m = 0.f;
-        #pragma omp simd reduction(max:m)
-        for (int64_t k = 0; k < K; ++k) m = std::max(m, std::fabs(row[k]));
+        const float m = row_absmax(row, K);
         s = m / 127.f > 0.f ? m / 127.f : 1.f;
         sp[r] = s;
       }
-      #pragma omp simd
-      for (int64_t k = 0; k < K; ++k) cp[r * K + k] = std::nearbyint(row[k] / s);
+      row_to_codes(row, s, cp + r * K, K);
     }
   });
+}
+
+std::vector<torch::Tensor> int8_row_codes(torch::Tensor x, bool per_token) {
+  follow_torch_threads();
+  auto codes = torch::empty_like(x);
+  auto scales = torch::empty({per_token ? x.size(0) : 1, 1}, x.options());
+  row_codes<float>(x, per_token, codes.data_ptr<float>(), scales.data_ptr<float>());
   return {codes, scales};
+}
+
+void scale_rows_add_bias(torch::Tensor y, torch::Tensor scales, torch::Tensor bias);
+
+// W8A8 on oneDNN (CPUs with AMX): the codes, oneDNN's int8 matmul (s8 x s8, int32 sums, times
+// S_w per channel in fp32) and the per-token epilogue in one call from Python. The matmul is
+// called through the dispatcher rather than from Python because at decode sizes Python's
+// own cost per op call is a large part of the whole layer's time.
+torch::Tensor int8_linear_onednn(torch::Tensor x_in, torch::Tensor packed, torch::Tensor w_scale,
+                                 torch::Tensor w_zero, torch::Tensor bias, bool per_token) {
+  follow_torch_threads();
+  const int64_t K = x_in.size(-1);
+  auto x = x_in.reshape({-1, K}).to(torch::kFloat).contiguous();  // no copy for contiguous fp32 input
+  auto codes = torch::empty({x.size(0), K}, x.options().dtype(torch::kInt8));
+  auto scales = torch::empty({per_token ? x.size(0) : 1, 1}, x.options());
+  row_codes<int8_t>(x, per_token, codes.data_ptr<int8_t>(), scales.data_ptr<float>());
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_pointwise", "");
+  // qlinear_pointwise(qx, x_scale, x_zero_point, qw, w_scale, w_zero_point, bias, output_scale,
+  //                   output_zero_point, output_dtype, post_op_name, post_op_args, post_op_algorithm)
+  std::vector<c10::IValue> stack{codes, 1.0, int64_t{0}, packed, w_scale, w_zero, c10::IValue(), 1.0, int64_t{0},
+                                 c10::IValue(static_cast<int64_t>(at::kFloat)), c10::IValue(std::string("none")),
+                                 c10::IValue(c10::List<c10::optional<c10::Scalar>>()), c10::IValue(std::string(""))};
+  op.callBoxed(&stack);
+  auto y = stack[0].toTensor();
+  scale_rows_add_bias(y, scales, bias);
+  auto sizes = x_in.sizes().vec();
+  sizes.back() = y.size(1);
+  return y.view(sizes).to(x_in.scalar_type());
 }
 
 // y[m, n] = y[m, n] * s[m] (+ bias[n]), in place: two roundings, as y.mul_(s).add_(bias).
@@ -268,7 +333,7 @@ void scale_rows_add_bias(torch::Tensor y, torch::Tensor scales, torch::Tensor bi
   float* yp = y.data_ptr<float>();
   const float* sp = scales.data_ptr<float>();
   const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
-  at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, M, rows_per_task(N), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const float s = sp[per_row ? m : 0];
       float* row = yp + m * N;
@@ -320,7 +385,7 @@ def _load():
 
                 log.info("compiling the CPU kernels (once per machine kind)")
                 _module = load_inline(
-                    name="qforge_cpu_kernels", cpp_sources=[_SOURCE], functions=["w4a16_gemv", "w4_dequantize", "w4a16_blocked", "int8_row_codes", "scale_rows_add_bias"],
+                    name="qforge_cpu_kernels", cpp_sources=[_SOURCE], functions=["w4a16_gemv", "w4_dequantize", "w4a16_blocked", "int8_row_codes", "scale_rows_add_bias", "int8_linear_onednn"],
                     extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"], extra_ldflags=["-fopenmp"], build_directory=str(_build_dir()),
                     verbose=False,
                 )

@@ -1,7 +1,11 @@
 """The CPU execution paths of `QuantizedLinear`, each held to its reference forward.
 
     int8   W8A8: int8 per-channel symmetric weights × int8 dynamic activations (per token or
-           per tensor), multiplied in int8 by PyTorch's fbgemm.
+           per tensor), multiplied in int8 by oneDNN on CPUs with AMX (measured 2.5-3x
+           faster than fbgemm there at 512 rows; the codes, the op and the per-token
+           scaling in one C++ call) and by PyTorch's fbgemm on the others.
+           oneDNN (AMX): int8 codes round(x / S_x) against the int8 weight, int32 sums,
+           Σ q_x·q_w·S_w in fp32, times S_x: exact as below.
            exact (CPUs with VNNI): each token is divided by its own scale S_x = max|x|/127
            and rounded first, so fbgemm's static input quantization with scale 1 and zero
            point 128 stores exactly the reference codes round(x / S_x) + 128; it sums the int8
@@ -38,6 +42,15 @@ def has_vnni() -> bool:
     return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
 
 
+def has_amx_int8() -> bool:
+    return "amx_int8" in cpu_flags()
+
+
+def onednn_int8_available() -> bool:
+    """oneDNN's int8 linear (the one torch.compile's quantization uses) on a CPU with AMX."""
+    return has_amx_int8() and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
+
+
 def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines or "x86" in torch.backends.quantized.supported_engines
 
@@ -72,7 +85,9 @@ _NO_BIAS = torch.empty(0)  # the C++ functions' "no bias"
 class Int8Path:
     name = "int8"
 
-    def __init__(self, layer: QuantizedLinear, exact: bool, use_kernels: bool = True) -> None:
+    def __init__(self, layer: QuantizedLinear, exact: bool, use_kernels: bool = True, engine: str | None = None) -> None:
+        """`engine`: "onednn" or "fbgemm" (None: oneDNN where it runs on AMX and the C++ steps
+        are available, fbgemm otherwise)."""
         from quantcore.kernels import cpu as cpu_kernels
 
         self.exact = exact
@@ -83,6 +98,18 @@ class Int8Path:
         self.per_token = layer.activation_scheme.granularity == Granularity.TOKEN
         self.bias = None if layer.bias is None else layer.bias.float()
         self.out_features = layer.out_features
+        if engine is None:
+            engine = "onednn" if module is not None and onednn_int8_available() else "fbgemm"
+        if engine == "onednn" and module is None:
+            raise ValueError("the oneDNN engine runs through the C++ kernels: they need exact=True and use_kernels=True")
+        self.engine = engine
+        if self.engine == "onednn":
+            self.onednn_linear = module.int8_linear_onednn
+            self.packed = torch.ops.onednn.qlinear_prepack(layer.qweight.contiguous(), None)
+            self.w_scale = layer.scale.float().reshape(-1).expand(layer.out_features).contiguous()
+            self.w_zero = torch.zeros(layer.out_features, dtype=torch.int32)
+            self.bias_or_none = self.bias.contiguous() if self.bias is not None else _NO_BIAS
+            return
         scale = layer.scale.double().reshape(-1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # quantized-tensor creation is "deprecated" but is the op's API
@@ -96,6 +123,8 @@ class Int8Path:
     def __call__(self, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
         # In place wherever possible: at decode sizes these element-wise steps cost as much
         # as the int8 matmul itself.
+        if self.engine == "onednn":  # one C++ call does it all: shapes, dtype, codes, matmul, scaling
+            return self.onednn_linear(x, self.packed, self.w_scale, self.w_zero, self.bias_or_none, self.per_token)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         if self.row_codes is not None:  # the steps below in two C++ passes
