@@ -3,15 +3,17 @@
     w4a16      Triton: int4 group-wise weights x fp16/bf16/fp32 activations (GEMM, split-K GEMV)
     w8a8       Triton: int8 x int8 GEMM with a per-token x per-channel scale epilogue, and the
                per-token int8 activation quantization
+    fp8        Triton: the same for float8 e4m3 (fp8-rtn weights, per-token e4m3 activations,
+               float32 accumulation); needs compute capability ≥ 8.9, see `fp8_supported`
     cpu        C++ (compiled on first use): int4 GEMV for decode, one-pass int4 dequantization,
                and the per-token steps around fbgemm's int8 matmul; used by
                `quantcore.modules.cpu_paths`
     reference  what each kernel computes, in PyTorch (needs no Triton)
 
 Importing this package does not import Triton: callers ask `triton_available()` first and
-import `quantcore.kernels.w4a16` / `.w8a8` only then. Triton reads TRITON_INTERPRET when a
-kernel is defined, so to run the kernels on CPU through its interpreter, set it before
-importing those modules.
+import `quantcore.kernels.w4a16` / `.w8a8` / `.fp8` only then. Triton reads TRITON_INTERPRET
+when a kernel is defined, so to run the kernels on CPU through its interpreter, set it
+before importing those modules.
 """
 
 from __future__ import annotations

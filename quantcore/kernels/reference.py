@@ -23,6 +23,18 @@ The sum is exact in integers; it is computed here in float64, where every partia
 int8 products is exact (|sum| < 2^53), so this reference does not share int arithmetic with
 the kernel it checks. `quantize_per_token` is the same map as the per-token dynamic
 activation fake-quant of `QuantizedLinear` (its dequantization x_q · s_x gives those numbers).
+
+FP8 W8A8 (float8 e4m3fn weights per output channel, as `QuantizedLinear` stores an fp8-rtn
+layer, and e4m3fn activations per token):
+
+    x_q[m, :], s_x[m] = quantize_per_token_fp8(x[m, :])  with s_x = max|x[m, :]| / 448,
+                        x_q = e4m3(clamp(x / s_x, -448, 448))  (round to nearest, ties to even)
+    y[m, n] = (Σ_k x_q[m, k] · w_q[n, k]) · s_x[m] · s_w[n] (+ bias[n])
+
+As for int8 the sum is computed here in float64, from the codes, and it is exact: every
+e4m3 value is a multiple of 2^-9 below 2^9, so a product is a multiple of 2^-18 below 448²,
+and for K ≤ 2^17 every partial sum is a multiple of 2^-18 below 2^35, which float64's 53
+bits hold. The kernel sums the same products in float32, where the sum rounds.
 """
 
 from __future__ import annotations
@@ -123,3 +135,48 @@ def w8a8_linear_reference(
     """Quantize x per token, then the int8 GEMM; output in x's dtype."""
     x_q, x_scale = quantize_per_token_reference(x)
     return w8a8_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype=x.dtype)
+
+
+# ---------------------------------------------------------------------------------- FP8 W8A8
+FP8_E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448: e4m3fn has no infinities
+
+
+def quantize_per_token_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3fn per token (last dim): codes shaped like x, float32 scales shaped x[..., 0].
+    PyTorch's cast rounds to nearest, ties to even; the clamp (as in `qparams.quantize`)
+    keeps it in range, since e4m3fn has no infinity and what an out-of-range cast gives
+    (NaN or 448) differs between implementations. An all-zero token gets S = 1."""
+    xf = x.float()
+    scale = torch.linalg.vector_norm(xf, float("inf"), dim=-1, keepdim=True) / FP8_E4M3_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scale.squeeze(-1)
+
+
+def fp8_w8a8_reference(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(x_q w_qᵀ) · s_x ⊗ s_w (+ bias), in float64 until the final cast. x_q (..., K)
+    float8_e4m3fn, x_scale (...) per token or one value; w_q (N, K) float8_e4m3fn, w_scale
+    (N,) / (N, 1) per channel or one value."""
+    n = w_q.shape[0]
+    acc = x_q.double() @ w_q.double().T  # exact for K ≤ 2^17 (module docstring)
+    s_x = x_scale.double().reshape(*x_q.shape[:-1], 1) if x_scale.numel() > 1 else x_scale.double().reshape(1)
+    s_w = w_scale.double().reshape(-1).expand(n) if w_scale.numel() == 1 else w_scale.double().reshape(n)
+    y = acc * s_x * s_w
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(out_dtype)
+
+
+def fp8_linear_reference(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Quantize x per token to e4m3, then the fp8 GEMM; output in x's dtype."""
+    x_q, x_scale = quantize_per_token_fp8_reference(x)
+    return fp8_w8a8_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype=x.dtype)

@@ -1,6 +1,6 @@
 """Compiled kernels on a CUDA GPU: full-size SmolLM2 and 7B-class shapes against the
 references, and W4A16 decoding faster than fp16 cuBLAS. Skipped (with the reason) without a
-GPU; the interpreter tests beside this file cover the same code on small shapes.
+GPU, and the fp8 cases also on a GPU older than compute capability 8.9; the interpreter tests beside this file cover the same code on small shapes.
 The issue's speed targets are measured by bench/kernels.py, not here: this only catches a
 kernel that lost its reason to exist."""
 
@@ -18,7 +18,14 @@ pytestmark = pytest.mark.skipif(
     "the small-shape interpreter tests cover the same kernels on CPU",
 )
 
-from quantcore.kernels.reference import w4a16_reference, w8a8_linear_reference  # noqa: E402
+from quantcore.kernels.fp8 import fp8_linear, fp8_matmul, fp8_supported, quantize_per_token_fp8  # noqa: E402
+from quantcore.kernels.reference import (  # noqa: E402
+    fp8_linear_reference,
+    fp8_w8a8_reference,
+    quantize_per_token_fp8_reference,
+    w4a16_reference,
+    w8a8_linear_reference,
+)
 from quantcore.kernels.w4a16 import w4a16_matmul  # noqa: E402
 from quantcore.kernels.w8a8 import w8a8_linear  # noqa: E402
 from quantcore.schemes import QuantScheme  # noqa: E402
@@ -57,6 +64,53 @@ def test_w8a8_full_size_fp16(quantized_layer, n, k, batch):
     got = w8a8_linear(x, layer.qweight, layer.scale, layer.bias)
     expect = w8a8_linear_reference(x, layer.qweight, layer.scale, layer.bias)
     assert rel_error(got, expect) < 2e-3
+
+
+FP8W = QuantScheme(type="fp8_e4m3", bits=8, symmetric=True, granularity="channel")  # recipe "fp8-rtn"
+
+
+@pytest.fixture
+def fp8_gpu():
+    support = fp8_supported("cuda")
+    print(f"\nfp8 kernels: {support.reason}")
+    if not support:
+        pytest.skip(f"fp8 kernels cannot run on this GPU: {support.reason}")
+
+
+@pytest.mark.parametrize("k", [576, 4096])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fp8_quantize_full_size_is_bit_exact(fp8_gpu, k, dtype):
+    """Compiled, the cast to e4m3 is the GPU's own instruction: the codes must still be
+    PyTorch's on CPU, bit for bit (rows spanning four decades, so every binade is used)."""
+    g = torch.Generator().manual_seed(k)
+    x = (torch.randn(256, k, generator=g) * torch.logspace(-2, 2, 256).view(256, 1)).to(dtype)
+    q, s = quantize_per_token_fp8(x.cuda())
+    q_ref, s_ref = quantize_per_token_fp8_reference(x)
+    assert torch.equal(s.cpu(), s_ref)
+    assert torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("batch", [1, 16, 64, 256])  # 256 reaches the 128 x 128 tiles
+def test_fp8_full_size_fp16(fp8_gpu, quantized_layer, n, k, batch):
+    layer = quantized_layer(n, k, FP8W)
+    x = torch.randn(batch, k, device="cuda", dtype=torch.float16)
+    got = fp8_linear(x, layer.qweight, layer.scale, layer.bias)
+    expect = fp8_linear_reference(x, layer.qweight, layer.scale, layer.bias)
+    assert rel_error(got, expect) < 2e-3  # the same codes; fp16 output, float32 accumulation
+
+
+@pytest.mark.parametrize("batch", [64, 256])
+def test_fp8_accumulates_in_float32_over_long_k(fp8_gpu, quantized_layer, batch):
+    """A 7B model's MLP down projection, K = 11008, float32 out, against the exact sum.
+    Hopper's fp8 MMA adds with about 14 bits of mantissa; promoted into float32 every
+    BLOCK_K = 128 k (max_num_imprecise_acc), that costs ~1e-4 relative. Accumulated in the
+    MMA over all of K (Triton's sm_90 default) the error grows with K instead."""
+    layer = quantized_layer(4096, 11008, FP8W)
+    x_q, x_scale = quantize_per_token_fp8(torch.randn(batch, 11008, device="cuda"))
+    got = fp8_matmul(x_q, x_scale, layer.qweight, layer.scale)
+    expect = fp8_w8a8_reference(x_q, x_scale, layer.qweight, layer.scale, out_dtype=torch.float64)
+    assert rel_error(got, expect) < 1e-3
 
 
 def test_w4a16_decode_beats_fp16(quantized_layer):
