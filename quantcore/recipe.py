@@ -219,6 +219,17 @@ PRESETS: dict[str, dict[str, Any]] = {
             }
         ],
     },
+    "fp8-w8a8": {
+        "description": "fp8 e4m3 weights per output channel and fp8 e4m3 dynamic per-token activations "
+        "(compressed-tensors' FP8_DYNAMIC; the fp8 tensor-core kernel on GPUs of compute capability 8.9+)",
+        "stages": [
+            {
+                "algorithm": "rtn",
+                "weights": {"type": "fp8_e4m3", "bits": 8, "symmetric": True, "granularity": "channel"},
+                "activations": {"type": "fp8_e4m3", "bits": 8, "symmetric": True, "granularity": "token", "dynamic": True},
+            }
+        ],
+    },
 }
 
 

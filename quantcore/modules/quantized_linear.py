@@ -14,8 +14,10 @@ Two ways to compute:
 * reference: dequantize the weight (x̂ = (q - Z)·S) and run a float matmul; activations,
   when the scheme quantizes them, are fake-quantized per call. This is the definition
   every fast path is tested against.
-* fast CPU paths (`quantcore.modules.cpu_paths`): W8A8 in int8 through fbgemm, and
-  weight-only int4 through our C++ kernel at decode sizes, each tested against the reference.
+* fast CPU paths (`quantcore.modules.cpu_paths`): W8A8 in int8 through oneDNN or fbgemm,
+  and weight-only int4 through our C++ kernel, each tested against the reference.
+* GPU paths (`quantcore.modules.gpu_paths`): the Triton kernels for W4A16, int8 W8A8 and
+  fp8 W8A8 on CUDA inputs.
 
 The reference path is the default, so a job computes the same numbers on every machine and
 the report's metrics describe the scheme, not the CPU. `enable_fast_path(model)` (which
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantcore.modules import cpu_paths
+from quantcore.modules import cpu_paths, gpu_paths
 from quantcore.packing import pack_codes, unpack_codes
 from quantcore.qparams import QParams, calculate_qparams, fake_quant, grouped_view, quantize
 from quantcore.schemes import Granularity, QuantScheme, QuantType, check_activation_scheme
@@ -118,6 +120,7 @@ class QuantizedLinear(nn.Module):
         )
         self.fast_path = "off"  # "off" (reference), "exact" or "approximate": see the module docstring
         self._cpu_path: cpu_paths.Int8Path | cpu_paths.Int4Path | None | bool = False  # False: not chosen yet
+        self._gpu_path: gpu_paths.GpuPath | None | bool = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -203,12 +206,23 @@ class QuantizedLinear(nn.Module):
             self._cpu_path = cpu_paths.choose(self, approximate=self.fast_path == "approximate")
         return self._cpu_path
 
+    def path_for(self, device: torch.device):
+        """The fast path for inputs on `device`: a CPU path, a Triton kernel on CUDA (chosen
+        once each), or None for the reference."""
+        if device.type == "cpu":
+            return self.cpu_path()
+        if device.type == "cuda":
+            if self._gpu_path is False:
+                self._gpu_path = gpu_paths.choose(self, device)
+            return self._gpu_path
+        return None
+
     @property
     def has_fast_path(self) -> bool:
-        return self.fast_path != "off" and self.cpu_path() is not None
+        return self.fast_path != "off" and self.path_for(self.qweight.device) is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast_path != "off" and x.device.type == "cpu" and (path := self.cpu_path()) is not None:
+        if self.fast_path != "off" and (path := self.path_for(x.device)) is not None:
             return path(x, self)
         return self.forward_reference(x)
 
@@ -220,7 +234,7 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, w, bias)
 
     def _apply(self, fn, recurse=True):
-        self._cpu_path = False  # moved or cast: choose again from the stored codes
+        self._cpu_path = self._gpu_path = False  # moved or cast: choose again from the stored codes
         return super()._apply(fn, recurse)
 
     def compute_module(self, dtype: torch.dtype) -> nn.Module:
@@ -268,6 +282,6 @@ def enable_fast_path(model: nn.Module, enabled: bool = True, approximate: bool =
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.fast_path = "off" if not enabled else "approximate" if approximate else "exact"
-            module._cpu_path = False
+            module._cpu_path = module._gpu_path = False
             count += int(module.has_fast_path)
     return count
