@@ -3,15 +3,19 @@
     w4a16      Triton: int4 group-wise weights x fp16/bf16/fp32 activations (GEMM, split-K GEMV)
     w8a8       Triton: int8 x int8 GEMM with a per-token x per-channel scale epilogue, and the
                per-token int8 activation quantization
+    w4a4_lowrank  Triton: SVDQuant's W4A4 layer (`LowRankQuantizedLinear`) as Nunchaku runs it:
+               smoothing, int4 group-wise activation quantization and the low-rank
+               down-projection in one pass over x; the int8-MMA GEMM of the 4-bit codes with
+               the up-projection and bias in its epilogue
     cpu        C++ (compiled on first use): int4 GEMV for decode, one-pass int4 dequantization,
                and the per-token steps around fbgemm's int8 matmul; used by
                `quantcore.modules.cpu_paths`
     reference  what each kernel computes, in PyTorch (needs no Triton)
 
 Importing this package does not import Triton: callers ask `triton_available()` first and
-import `quantcore.kernels.w4a16` / `.w8a8` only then. Triton reads TRITON_INTERPRET when a
-kernel is defined, so to run the kernels on CPU through its interpreter, set it before
-importing those modules.
+import `quantcore.kernels.w4a16` / `.w8a8` / `.w4a4_lowrank` only then. Triton reads
+TRITON_INTERPRET when a kernel is defined, so to run the kernels on CPU through its
+interpreter, set it before importing those modules.
 """
 
 from __future__ import annotations
