@@ -35,6 +35,19 @@ As for int8 the sum is computed here in float64, from the codes, and it is exact
 e4m3 value is a multiple of 2^-9 below 2^9, so a product is a multiple of 2^-18 below 448²,
 and for K ≤ 2^17 every partial sum is a multiple of 2^-18 below 2^35, which float64's 53
 bits hold. The kernel sums the same products in float32, where the sum rounds.
+
+W4A4 + low-rank (SVDQuant's `LowRankQuantizedLinear`: the residual is the symmetric int4
+group-G weight above, activations int4 symmetric per token per group of the same G):
+
+    x̂ = x / smooth (in x's dtype)          lora_act = x̂ · L2ᵀ                  (M, r)
+    x_q, s_x[m, g] = int4 per group of x̂:  s_x = max|x̂[m, g-th group]| / 7 (1 where 0),
+                     x_q = clamp(round_half_even(x̂ / s_x), -8, 7)
+    y[m, n] = Σ_g s_x[m, g] · s_w[n, g] · Σ_{k in g} x_q[m, k] · (u[n, k] - 8)
+              + lora_act[m, :] · L1[n, :] (+ bias[n])
+
+The group sums are integers, computed in float64 (exact), the rest in float64 too, rounded
+once to the output dtype. x_q · s_x is `fake_quant_activations` of the layer's activation
+scheme applied to x̂, so these are the layer's numbers up to float summation order.
 """
 
 from __future__ import annotations
@@ -180,3 +193,69 @@ def fp8_linear_reference(
     """Quantize x per token to e4m3, then the fp8 GEMM; output in x's dtype."""
     x_q, x_scale = quantize_per_token_fp8_reference(x)
     return fp8_w8a8_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype=x.dtype)
+
+INT4_QMIN, INT4_QMAX = -8, 7
+
+
+def quantize_int4_groups_reference(x_hat: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 per token per group of `group_size` inputs: int8 codes in [-8, 7] shaped
+    like x_hat, float32 scales (..., K/G). An all-zero group gets S = 1 (its codes are 0)."""
+    k = x_hat.shape[-1]
+    groups = x_hat.float().reshape(*x_hat.shape[:-1], k // group_size, group_size)
+    scale = groups.abs().amax(dim=-1, keepdim=True) / INT4_QMAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (groups / scale).round().clamp(INT4_QMIN, INT4_QMAX).to(torch.int8)
+    return q.reshape(x_hat.shape), scale.squeeze(-1)
+
+
+def quantize_lowrank_input_reference(
+    x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_codes, x_scales, lora_act) of x̂ = x / smooth: lora_act = x̂ L2ᵀ summed in float64."""
+    x_hat = x / smooth.to(x.dtype)
+    q, s = quantize_int4_groups_reference(x_hat, group_size)
+    lora_act = (x_hat.double() @ lora_down.double().T).float()
+    return q, s, lora_act
+
+
+def w4a4_lowrank_reference(
+    x_codes: torch.Tensor,
+    x_scales: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scales: torch.Tensor,
+    lora_act: torch.Tensor,
+    lora_up: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Σ_g s_x s_w (x_q w_qᵀ)_g + lora_act lora_upᵀ (+ bias), all in float64, one rounding."""
+    k = x_codes.shape[-1]
+    n = int4_out_features(qweight, k)
+    s_w, _, group_size = int4_group_params(w_scales, None, n, k)
+    groups = k // group_size
+    xq = x_codes.reshape(-1, groups, group_size).double()
+    s_x = x_scales.reshape(-1, groups).double()
+    wq = unpack_codes(qweight.reshape(-1), 4, (n, groups, group_size)).double() - INT4_SYMMETRIC_ZERO
+    acc = torch.zeros(xq.shape[0], n, dtype=torch.float64, device=x_codes.device)
+    for g in range(groups):  # a loop, not one (M, N, groups) tensor: full-size layers fit in memory
+        acc += (xq[:, g] @ wq[:, g].T) * s_x[:, g : g + 1] * s_w[:, g].double()
+    acc += lora_act.reshape(-1, lora_act.shape[-1]).double() @ lora_up.double().T
+    if bias is not None:
+        acc += bias.double()
+    return acc.to(out_dtype).reshape(*x_codes.shape[:-1], n)
+
+
+def w4a4_lowrank_linear_reference(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    lora_down: torch.Tensor,
+    lora_up: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The whole LowRankQuantizedLinear from float x: quantize x̂, then the GEMM; y in x's dtype."""
+    k = x.shape[-1]
+    _, _, group_size = int4_group_params(w_scales, None, int4_out_features(qweight, k), k)
+    x_codes, x_scales, lora_act = quantize_lowrank_input_reference(x, smooth, lora_down, group_size)
+    return w4a4_lowrank_reference(x_codes, x_scales, qweight, w_scales, lora_act, lora_up, bias, out_dtype=x.dtype)

@@ -7,6 +7,11 @@ each tested against the reference forward it replaces.
             `kernels.w8a8`, exact int32 sums, the scales in the epilogue.
     fp8     e4m3 per-channel weights x e4m3 dynamic per-token activations (the "fp8-w8a8"
             recipe): `kernels.fp8`, on GPUs with fp8 tensor cores (compute capability ≥ 8.9).
+    w4a4_lowrank
+            SVDQuant's `LowRankQuantizedLinear` (int4 group-wise weights and activations in the
+            same groups, the low-rank branch): `kernels.w4a4_lowrank`, smoothing, activation
+            quantization and the down-projection in one pass, the up-projection in the GEMM's
+            epilogue (`choose_lowrank`).
 
 Each path computes what the layer's reference computes (same codes, same scales), so it is
 taken in "exact" mode too; float summation order is the only difference. A layer whose
@@ -95,6 +100,29 @@ def _fp8(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
     from quantcore.kernels.fp8 import fp8_linear
 
     return fp8_linear(x, layer.qweight, layer.scale, layer.bias)
+
+
+def is_w4a4_lowrank(layer) -> bool:
+    weight, act = layer.weight_scheme, layer.activation_scheme
+    return (
+        act is not None
+        and all(s.type == QuantType.INT and s.bits == 4 and s.symmetric and s.granularity == Granularity.GROUP for s in (weight, act))
+        and act.dynamic
+        and act.group_size == weight.group_size
+        and weight.group_size >= 16
+        and weight.group_size & (weight.group_size - 1) == 0  # the kernel's K step is one group: a power of two
+    )
+
+
+def _w4a4_lowrank(x: torch.Tensor, layer) -> torch.Tensor:
+    from quantcore.kernels.w4a4_lowrank import lowrank_w4a4_linear
+
+    return lowrank_w4a4_linear(x, layer)
+
+
+def choose_lowrank(layer, device: torch.device) -> GpuPath | None:
+    """The fused SVDQuant kernels for a `LowRankQuantizedLinear`, or None (its reference)."""
+    return GpuPath("w4a4_lowrank", _w4a4_lowrank) if triton_available() and is_w4a4_lowrank(layer) else None
 
 
 def choose(layer: QuantizedLinear, device: torch.device) -> GpuPath | None:

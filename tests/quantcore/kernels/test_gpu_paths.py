@@ -50,3 +50,33 @@ def test_each_kernel_path_is_the_reference_forward(quantized_layer, device, case
 def test_schemes_without_a_kernel_keep_the_reference(quantized_layer, device, weights, acts):
     layer = quantized_layer(48, 192, weights, acts)
     assert gpu_paths.choose(layer, torch.device(device)) is None
+
+
+def test_svdquant_layer_gets_the_fused_kernels(device):
+    """A LowRankQuantizedLinear as the w4a4-svdquant-r32 preset builds it takes the fused
+    W4A4 + low-rank kernels, whose output is the layer's reference forward."""
+    from torch import nn
+
+    from quantcore.modules.low_rank import LowRankQuantizedLinear
+    from quantcore.modules.quantized_linear import QuantizedLinear
+
+    a4 = QuantScheme(bits=4, granularity="group", group_size=64, dynamic=True)
+    torch.manual_seed(0)
+    residual = QuantizedLinear.from_float(nn.Linear(192, 48), W4, a4)
+    layer = LowRankQuantizedLinear(residual, rank=16)
+    layer.lora_up.copy_(torch.randn(48, 16) * 0.05)
+    layer.lora_down.copy_(torch.randn(16, 192) * 0.05)
+    layer.smooth.copy_(torch.rand(192) + 0.5)
+    layer = layer.to(device)
+    path = gpu_paths.choose_lowrank(layer, torch.device(device))
+    assert path is not None and path.name == "w4a4_lowrank"
+    x = (torch.randn(2, 3, 192) * 2).to(device)
+    expect = layer.forward_reference(x)
+    got = path(x, layer)
+    assert got.shape == expect.shape
+    assert ((got - expect).norm() / expect.norm()).item() < 1e-5
+    # another group size for the activations than the weights: no fused kernel
+    other = LowRankQuantizedLinear(
+        QuantizedLinear.from_float(nn.Linear(192, 48), W4, QuantScheme(bits=4, granularity="group", group_size=32, dynamic=True)), 16
+    )
+    assert gpu_paths.choose_lowrank(other, torch.device(device)) is None

@@ -7,10 +7,12 @@ import torch
 
 from quantcore.kernels.reference import (
     dequantize_int4,
+    quantize_int4_groups_reference,
     quantize_per_token_reference,
     w4a16_reference,
     w8a8_linear_reference,
     w8a8_reference,
+    w4a4_lowrank_reference,
 )
 from quantcore.modules.quantized_linear import fake_quant_activations
 from quantcore.packing import pack_codes
@@ -99,3 +101,33 @@ def test_w8a8_linear_reference_is_quantized_linear(quantized_layer, device):
     got = w8a8_linear_reference(x, layer.qweight, layer.scale, layer.bias)
     # same numbers, summed in another order: float rounding only
     torch.testing.assert_close(got, layer.forward_reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_int4_groups_reference_is_the_activation_fake_quant():
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, 192) * torch.logspace(-2, 2, 4).view(1, 4, 1)
+    x[0, 0, 64:128] = 0  # an all-zero group: S = 1
+    q, s = quantize_int4_groups_reference(x, 64)
+    assert q.dtype == torch.int8 and s.shape == (3, 4, 3) and s[0, 0, 1].item() == 1.0
+    assert q.min() >= -8 and q.max() <= 7
+    group = QuantScheme(bits=4, granularity="group", group_size=64, dynamic=True)
+    dequantized = (q.float().reshape(3, 4, 3, 64) * s.unsqueeze(-1)).reshape(x.shape)
+    torch.testing.assert_close(dequantized, fake_quant_activations(x, group), rtol=0, atol=0)
+
+
+def test_w4a4_lowrank_reference_matches_loops():
+    n, k, rank, group_size = 3, 32, 2, 16
+    g = torch.Generator().manual_seed(2)
+    x_q = torch.randint(-8, 8, (2, k), generator=g, dtype=torch.int8)
+    codes = torch.randint(0, 16, (n, k), generator=g)
+    s_x, s_w = torch.rand(2, 2, generator=g) + 0.1, torch.rand(n, 2, generator=g) + 0.1
+    act, up, bias = torch.randn(2, rank, generator=g), torch.randn(n, rank, generator=g), torch.randn(n, generator=g)
+    y = w4a4_lowrank_reference(x_q, s_x, pack_codes(codes, 4), s_w, act, up, bias)
+    for m in range(2):
+        for col in range(n):
+            total = bias[col].item() + sum(act[m, j].item() * up[col, j].item() for j in range(rank))
+            for grp in range(2):
+                ks = range(grp * group_size, (grp + 1) * group_size)
+                dot = sum(int(x_q[m, kk]) * (int(codes[col, kk]) - 8) for kk in ks)
+                total += dot * s_x[m, grp].item() * s_w[col, grp].item()
+            assert y[m, col].item() == pytest.approx(total, rel=1e-6, abs=1e-6)
