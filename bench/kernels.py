@@ -12,10 +12,13 @@ CPU (always):
            of the last position only), fp32 against W8A8 (`w8a8-rtn`, fast path);
            greedy decoding of 32 tokens, fp32 against W4 (`w4a16-rtn-g64`, fast path), and
            whether the fast path produces the same tokens as the dequantize reference.
-GPU (a CUDA device only): the Triton kernels against fp16 cuBLAS; without one the GPU
-figures stay open and the script says so.
+GPU (a CUDA device only): per shape (a 7B model's 4096x4096, 11008x4096, 4096x11008) and
+batch (1, 16, 64), fp16 F.linear (cuBLAS) against the Triton kernels: W4A16 g128, int8
+W8A8, fp8 W8A8 (compute capability ≥ 8.9), and SVDQuant's fused W4A4 r32 (against W4A16);
+without a GPU these figures stay open and the script says so.
 
-    python bench/kernels.py [--repeat 30] [--results bench/RESULTS.md]
+    python bench/kernels.py [--repeat 30] [--results bench/RESULTS.md] [--gpu-only]
+    TRITON_INTERPRET=1 python bench/kernels.py --gpu-dry-run   # the GPU code on the CPU, tiny shapes
 """
 
 from __future__ import annotations
@@ -162,10 +165,86 @@ def model_rows(repeat: int, new_tokens: int) -> list[str]:
     ]
 
 
-def gpu_rows() -> list[str]:
-    if not torch.cuda.is_available():
-        return ["No CUDA device in this run: the GPU figures (W4A16, W8A8 int8, SVDQuant W4A4 against fp16 cuBLAS) stay open."]
-    raise SystemExit("GPU measurements are not written yet: run this on a CUDA machine once they are")
+GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): a 7B model's square, MLP up and down
+GPU_BATCHES = [1, 16, 64]
+GPU_TARGETS = "W4A16 ≥ 3.5x fp16 at batch 1 and ≥ 2.5x at 16; W8A8 int8 ≥ 1.6x fp16 at 64; SVDQuant W4A4 r32 ≥ 2x W4A16 at 64"
+
+
+def gpu_layers(shape: tuple[int, int], device: str) -> dict:
+    """One layer of each scheme with the same random weight, built by the project's own
+    quantizers (on the CPU) and moved to `device`: what an artifact loads as."""
+    from quantcore.modules import QuantizedLinear
+    from quantcore.modules.low_rank import LowRankQuantizedLinear
+    from quantcore.schemes import QuantScheme
+
+    out_f, in_f = shape
+    torch.manual_seed(SEED)
+    linear = nn.Linear(in_f, out_f, bias=False)
+    w4 = QuantScheme(type="int", bits=4, granularity="group", group_size=128 if in_f % 128 == 0 else 64)
+    w8 = QuantScheme(type="int", bits=8, granularity="channel")
+    a8 = QuantScheme(type="int", bits=8, granularity="token", dynamic=True)
+    f8 = QuantScheme(type="fp8_e4m3", bits=8, granularity="channel")
+    a8f = QuantScheme(type="fp8_e4m3", bits=8, granularity="token", dynamic=True)
+    w4g64 = QuantScheme(type="int", bits=4, granularity="group", group_size=64)
+    a4g64 = QuantScheme(type="int", bits=4, granularity="group", group_size=64, dynamic=True)
+    svdq = LowRankQuantizedLinear(QuantizedLinear.from_float(linear, w4g64, a4g64), rank=32)
+    svdq.lora_up.normal_(0, 0.02), svdq.lora_down.normal_(0, 0.02), svdq.smooth.uniform_(0.5, 1.5)  # timing only
+    return {
+        "fp16": linear.weight.detach().to(torch.float16).to(device),
+        "w4a16": QuantizedLinear.from_float(linear, w4).to(device),
+        "w8a8": QuantizedLinear.from_float(linear, w8, a8).to(device),
+        "fp8": QuantizedLinear.from_float(linear, f8, a8f).to(device),
+        "svdq": svdq.to(device),
+    }
+
+
+def gpu_rows(dry_run: bool = False) -> list[str]:
+    """The Triton kernels against fp16 cuBLAS (F.linear) on a CUDA device. `dry_run`: the
+    same code on small shapes through Triton's interpreter on the CPU (set TRITON_INTERPRET=1
+    first), timed by the clock: checks this function, measures nothing."""
+    if not dry_run and not torch.cuda.is_available():
+        return ["No CUDA device in this run: the GPU figures (W4A16, W8A8 int8, fp8, SVDQuant W4A4 against fp16 "
+                "cuBLAS) stay open."]
+    from quantcore.kernels.fp8 import fp8_linear, fp8_supported
+    from quantcore.kernels.w4a4_lowrank import lowrank_w4a4_linear
+    from quantcore.kernels.w4a16 import w4a16_matmul
+    from quantcore.kernels.w8a8 import w8a8_linear
+
+    if dry_run:
+        device, shapes, batches = "cpu", [(96, 256)], [1, 3]
+        timer = lambda fn: median_ms(fn, 2)  # noqa: E731
+        name = "CPU (Triton interpreter, dry run)"
+    else:
+        import triton.testing
+
+        device, shapes, batches = "cuda", GPU_SHAPES, GPU_BATCHES
+        timer = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")  # noqa: E731
+        name = torch.cuda.get_device_name()
+    has_fp8 = fp8_supported(device)
+    lines = [
+        f"GPU: {name}; fp8: {has_fp8.reason}",
+        "",
+        "| linear (out x in) | batch | fp16 cuBLAS ms | W4A16 ms | W4A16 vs fp16 | W8A8 int8 ms | W8A8 vs fp16 | "
+        "fp8 W8A8 ms | fp8 vs fp16 | SVDQuant W4A4 r32 ms | W4A4 vs W4A16 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for shape in shapes:
+        layers = gpu_layers(shape, device)
+        w16, q4, q8, f8, svdq = (layers[k] for k in ("fp16", "w4a16", "w8a8", "fp8", "svdq"))
+        for batch in batches:
+            x = torch.randn(batch, shape[1], device=device).to(torch.float16)
+            with torch.inference_mode():
+                fp16 = timer(lambda: F.linear(x, w16))
+                t4 = timer(lambda: w4a16_matmul(x, q4.qweight, q4.scale, q4.zero_point))
+                t8 = timer(lambda: w8a8_linear(x, q8.qweight, q8.scale))
+                tf8 = timer(lambda: fp8_linear(x, f8.qweight, f8.scale)) if has_fp8 else float("nan")
+                tsv = timer(lambda: lowrank_w4a4_linear(x, svdq))
+            lines.append(
+                f"| {shape[0]}x{shape[1]} | {batch} | {fp16:.4f} | {t4:.4f} | {fp16 / t4:.2f}x | {t8:.4f} | {fp16 / t8:.2f}x | "
+                f"{tf8:.4f} | {fp16 / tf8:.2f}x | {tsv:.4f} | {t4 / tsv:.2f}x |"
+            )
+    lines += ["", f"targets: {GPU_TARGETS}"]
+    return lines
 
 
 def main() -> int:
@@ -173,23 +252,32 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=30, help="timed calls per layer measurement (median taken)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--skip-model", action="store_true", help="layers only")
+    parser.add_argument("--gpu-only", action="store_true", help="the GPU table only (a CUDA device)")
+    parser.add_argument("--gpu-dry-run", action="store_true",
+                        help="run the GPU table's code on tiny shapes through Triton's interpreter (measures nothing)")
     parser.add_argument("--results", type=Path)
-    parser.add_argument("--section", default="Kernels: quantized execution against fp32 (CPU)")
+    parser.add_argument("--section", help="the RESULTS.md section to rewrite (default: the CPU one, or the GPU one with --gpu-only)")
     args = parser.parse_args()
+    args.section = args.section or (
+        "Kernels: Triton kernels against fp16 cuBLAS (GPU)" if args.gpu_only else "Kernels: quantized execution against fp32 (CPU)"
+    )
     warnings.filterwarnings("ignore")
     from common import run_header, write_section
 
     from quantcore.kernels import cpu as cpu_kernels
     from quantcore.modules import cpu_paths
 
+    if args.gpu_dry_run:
+        print("\n".join(gpu_rows(dry_run=True)))
+        return 0
     torch.manual_seed(SEED)
     engine = "onednn" if cpu_kernels.available() and cpu_paths.onednn_int8_available() else "fbgemm"
     header = run_header(SEED, vnni=cpu_paths.has_vnni(), amx_int8=cpu_paths.has_amx_int8(), int8_engine=engine,
                         int4_kernel=cpu_kernels.available())
     print("\n".join(header), flush=True)
-    lines = layer_rows(args.repeat)
+    lines = [] if args.gpu_only else layer_rows(args.repeat)
     print("\n".join(lines), flush=True)
-    if not args.skip_model:
+    if not args.skip_model and not args.gpu_only:
         lines += ["", *model_rows(args.repeat, args.new_tokens)]
     lines += ["", *gpu_rows()]
     table = "\n".join(lines)
