@@ -57,6 +57,23 @@ def median_ms(fn, repeat: int) -> float:
     return statistics.median(times) * 1000
 
 
+def paired_ms(fn_a, fn_b, repeat: int) -> tuple[float, float]:
+    """Medians of two functions timed call about, so that the machine's load drifts over both
+    alike: the raw op and our path differ by microseconds, less than the drift between two
+    separate runs of `median_ms` on a shared machine."""
+    for _ in range(3):
+        fn_a(), fn_b()
+    times_a, times_b = [], []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn_a()
+        middle = time.perf_counter()
+        fn_b()
+        times_a.append(middle - start)
+        times_b.append(time.perf_counter() - middle)
+    return statistics.median(times_a) * 1000, statistics.median(times_b) * 1000
+
+
 def layer_rows(repeat: int) -> list[str]:
     from quantcore.modules import QuantizedLinear, cpu_paths
     from quantcore.schemes import QuantScheme
@@ -83,16 +100,17 @@ def layer_rows(repeat: int) -> list[str]:
                 s_x = x.abs().amax(dim=-1, keepdim=True) / 127
                 if path8.engine == "onednn":  # the op from Python, int8 codes prepared beforehand
                     codes = torch.round(x / s_x).to(torch.int8)
-                    raw = median_ms(lambda: torch.ops.onednn.qlinear_pointwise(
-                        codes, 1.0, 0, path8.packed, path8.w_scale, path8.w_zero, None, 1.0, 0, torch.float32, "none", [], ""), repeat)
+                    raw_op = lambda: torch.ops.onednn.qlinear_pointwise(  # noqa: E731
+                        codes, 1.0, 0, path8.packed, path8.w_scale, path8.w_zero, None, 1.0, 0, torch.float32, "none", [], "")
                 elif exact:
                     codes = torch.round(x / s_x)
-                    raw = median_ms(lambda: torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-                        codes, 1.0, 128, path8.packed), repeat)
+                    raw_op = lambda: torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(  # noqa: E731
+                        codes, 1.0, 128, path8.packed)
                 else:
                     scaled = x / (s_x * 127)
-                    raw = median_ms(lambda: torch.ops.quantized.linear_dynamic(scaled, path8.packed, True), repeat)
-                ours8 = median_ms(lambda: path8(x, q8), repeat)
+                    raw_op = lambda: torch.ops.quantized.linear_dynamic(scaled, path8.packed, True)  # noqa: E731
+                # many more calls than the other columns: they are fractions of a millisecond
+                raw, ours8 = paired_ms(raw_op, lambda: path8(x, q8), repeat * 10)
                 # the int4 path: the kernel up to MAX_ROWS rows, its one-pass dequantization + BLAS above
                 ours4 = median_ms(lambda: path4(x, q4), repeat) if path4 is not None else float("nan")
             lines.append(

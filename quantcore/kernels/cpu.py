@@ -307,22 +307,28 @@ torch::Tensor int8_linear_onednn(torch::Tensor x_in, torch::Tensor packed, torch
                                  torch::Tensor w_zero, torch::Tensor bias, bool per_token) {
   follow_torch_threads();
   const int64_t K = x_in.size(-1);
-  auto x = x_in.reshape({-1, K}).to(torch::kFloat).contiguous();  // no copy for contiguous fp32 input
+  auto x = x_in.reshape({-1, K});
+  if (x.scalar_type() != torch::kFloat || !x.is_contiguous()) x = x.to(torch::kFloat).contiguous();
   auto codes = torch::empty({x.size(0), K}, x.options().dtype(torch::kInt8));
   auto scales = torch::empty({per_token ? x.size(0) : 1, 1}, x.options());
   row_codes<int8_t>(x, per_token, codes.data_ptr<int8_t>(), scales.data_ptr<float>());
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_pointwise", "");
   // qlinear_pointwise(qx, x_scale, x_zero_point, qw, w_scale, w_zero_point, bias, output_scale,
-  //                   output_zero_point, output_dtype, post_op_name, post_op_args, post_op_algorithm)
-  std::vector<c10::IValue> stack{codes, 1.0, int64_t{0}, packed, w_scale, w_zero, c10::IValue(), 1.0, int64_t{0},
-                                 c10::IValue(static_cast<int64_t>(at::kFloat)), c10::IValue(std::string("none")),
-                                 c10::IValue(c10::List<c10::optional<c10::Scalar>>()), c10::IValue(std::string(""))};
-  op.callBoxed(&stack);
-  auto y = stack[0].toTensor();
+  //                   output_zero_point, output_dtype, post_op_name, post_op_args, post_op_algorithm),
+  // called typed: a boxed call builds a stack of IValues (strings, a list) on every call
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("onednn::qlinear_pointwise", "")
+      .typed<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>, double,
+                        int64_t, std::optional<at::ScalarType>, c10::string_view, c10::List<std::optional<at::Scalar>>,
+                        c10::string_view)>();  // the registered kernel's own signature, to the letter
+  static const c10::List<std::optional<at::Scalar>> no_args;
+  auto y = op.call(codes, 1.0, 0, packed, w_scale, w_zero, std::nullopt, 1.0, 0, at::kFloat, "none", no_args, "");
   scale_rows_add_bias(y, scales, bias);
-  auto sizes = x_in.sizes().vec();
-  sizes.back() = y.size(1);
-  return y.view(sizes).to(x_in.scalar_type());
+  if (x_in.dim() != 2) {
+    auto sizes = x_in.sizes().vec();
+    sizes.back() = y.size(1);
+    y = y.view(sizes);
+  }
+  return x_in.scalar_type() == torch::kFloat ? y : y.to(x_in.scalar_type());
 }
 
 // y[m, n] = y[m, n] * s[m] (+ bias[n]), in place: two roundings, as y.mul_(s).add_(bias).
