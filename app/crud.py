@@ -54,11 +54,16 @@ def create_job(session: Session, request: JobRequest | ClassicJobRequest, idempo
     return job, True
 
 
-def list_jobs(session: Session, status: JobStatus | None, limit: int, offset: int) -> tuple[list[Job], int]:
-    """Newest first; also the number of jobs matching over all pages."""
+def list_jobs(
+    session: Session, status: JobStatus | None, limit: int, offset: int, model_contains: str | None = None
+) -> tuple[list[Job], int]:
+    """Newest first; also the number of jobs matching over all pages. `model_contains`
+    keeps the jobs whose model reference holds that text (any case)."""
     query = select(Job)
     if status is not None:
         query = query.where(Job.status == status)
+    if model_contains:
+        query = query.where(Job.model.icontains(model_contains, autoescape=True))
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     jobs = session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset))
     return list(jobs), total

@@ -1,0 +1,163 @@
+"""The dashboard's pages: the job list, a job, its report, a comparison, sign-in.
+
+Routes are thin, as the API's are: they read through `app.crud`, act through `app.jobs`
+and `app.artifacts`, and render the API's own `JobOut` with the stored report.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sse_starlette import EventSourceResponse
+
+from app import artifacts, jobs
+from app.api.deps import SessionDep, SettingsDep
+from app.artifact_store import store_for
+from app.crud import get_job
+from app.dashboard import charts, live
+from app.dashboard.auth import PrincipalDep
+from app.dashboard.templating import page
+from app.dashboard.views import delta_rows, job_recipe_name, metric_rows, size_rows, stage_bars, timing_rows
+from app.errors import Problem
+from app.models import Job, JobStatus
+from app.schemas import JobOut
+
+router = APIRouter(include_in_schema=False)
+PAGE_SIZES = (10, 20, 50, 100)
+MAX_COMPARED = 6
+
+
+class PageNotFound(Exception):
+    """Answered with the dashboard's HTML 404 page (the API answers problem+json)."""
+
+
+def load_job(session, job_id: str) -> Job:
+    job = get_job(session, job_id[:64])
+    if job is None:
+        raise PageNotFound(f"No job with id {job_id}.")
+    return job
+
+
+@router.get("/", response_class=HTMLResponse)
+def job_list(
+    request: Request,
+    principal: PrincipalDep,
+    status: JobStatus | None = None,
+    model: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+):
+    jobs_, total = live.list_page(status, model or None, limit, offset)
+    filters = {k: v for k, v in {"status": status.value if status else "", "model": model or "", "limit": limit}.items() if v}
+    here = request.url.include_query_params(**filters)
+    return page(
+        request, "jobs.html", principal, jobs=jobs_, total=total, offset=offset, limit=limit, status=status,
+        model=model or "", statuses=list(JobStatus), page_sizes=PAGE_SIZES, recipe_name=job_recipe_name,
+        live_url=request.url_for("job_list_live").include_query_params(**filters, offset=offset),
+        previous_url=here.include_query_params(offset=max(offset - limit, 0)) if offset > 0 else None,
+        next_url=here.include_query_params(offset=offset + limit) if offset + limit < total else None,
+    )
+
+
+@router.get("/jobs/live", name="job_list_live")
+def job_list_live(
+    principal: PrincipalDep,
+    status: JobStatus | None = None,
+    model: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> EventSourceResponse:
+    return EventSourceResponse(live.job_list_events(status, model or None, limit, offset), ping=15)
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+def job_page(request: Request, job_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep):
+    job = JobOut.from_row(load_job(session, job_id), settings)
+    return page(request, "job.html", principal, job=job, bars=stage_bars(job), recipe_name=job_recipe_name(job))
+
+
+@router.get("/jobs/{job_id}/live")
+def job_live(job_id: str, principal: PrincipalDep, session: SessionDep) -> EventSourceResponse:
+    job = load_job(session, job_id)
+    return EventSourceResponse(live.job_page_events(job.id), ping=15)
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel(request: Request, job_id: str, principal: PrincipalDep, session: SessionDep):
+    job = load_job(session, job_id)
+    try:
+        jobs.cancel(session, job)
+    except Problem:  # finished meanwhile: the job page shows how it ended
+        pass
+    return RedirectResponse(request.url_for("job_page", job_id=job.id), status_code=303)
+
+
+@router.get("/jobs/{job_id}/report", response_class=HTMLResponse)
+def report_page(request: Request, job_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep):
+    row = load_job(session, job_id)
+    job = JobOut.from_row(row, settings)
+    if job.status != JobStatus.SUCCEEDED:
+        return page(request, "report_missing.html", principal, status_code=409, job=job)
+    report = row.report or {}
+    errors = charts.layer_errors(report.get("layers") or [])
+    return page(
+        request, "report.html", principal, job=job, report=report, recipe_name=job_recipe_name(job),
+        metrics=metric_rows(report), deltas=delta_rows(report), sizes=size_rows(report), timings=timing_rows(report),
+        chart=charts.layer_error_svg(errors, "chart-" + job.id), errors=errors,
+    )
+
+
+@router.get("/jobs/{job_id}/download")
+def download(
+    job_id: str,
+    principal: PrincipalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    format: Annotated[str | None, Query(max_length=64)] = None,
+    range: Annotated[str | None, Header()] = None,
+) -> Response:
+    """The artifact through the dashboard's own route, so a download passes the same
+    `current_principal` as the pages (the API's route will take the API key instead)."""
+    job = load_job(session, job_id)
+    return artifacts.artifact_response(store_for(settings), artifacts.find_artifact(job, format), range)
+
+
+@router.get("/compare", response_class=HTMLResponse)
+def compare(
+    request: Request,
+    principal: PrincipalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    id: Annotated[list[str], Query(max_length=64)] = [],  # noqa: B006 - FastAPI copies defaults
+):
+    ids = list(dict.fromkeys(id))[:MAX_COMPARED]  # each job once, in the order chosen
+    columns = []
+    for job_id in ids:
+        row = load_job(session, job_id)
+        report = row.report if row.status == JobStatus.SUCCEEDED else None
+        columns.append({
+            "job": JobOut.from_row(row, settings), "report": report,
+            "metrics": {m.name: m for m in metric_rows(report or {})},
+            "sizes": {label: (kind, value) for label, kind, value in size_rows(report or {})},
+            "timings": dict(timing_rows(report or {})),
+            "errors": charts.layer_errors((report or {}).get("layers") or []),
+        })
+    scale = charts.error_scale([c["errors"] for c in columns])
+    for c in columns:
+        c["chart"] = charts.layer_error_svg(c["errors"], "chart-" + c["job"].id, y_max=scale)
+    return page(
+        request, "compare.html", principal, columns=columns, recipe_name=job_recipe_name, max_compared=MAX_COMPARED,
+        metric_names=_union(c["metrics"] for c in columns), size_labels=_union(c["sizes"] for c in columns),
+        timing_names=_union(c["timings"] for c in columns),
+    )
+
+
+@router.get("/sign-in", response_class=HTMLResponse)
+def sign_in(request: Request, principal: PrincipalDep):
+    return page(request, "sign_in.html", principal)
+
+
+def _union(dicts) -> list[str]:
+    return list(dict.fromkeys(key for d in dicts for key in d))
