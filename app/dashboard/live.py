@@ -3,13 +3,14 @@
 A job page follows the API's own event stream (`app.events.job_events`, which polls the job
 row) and turns each event into the page's state panel and a log line. The job list has no
 API stream of its own: it polls its page of jobs, with the filters it was opened with, and
-sends the table body again whenever what it shows changed (a status, a progress bar, a new
+sends the table again whenever what it shows changed (a status, a progress bar, a new
 job); the list stays open until the browser leaves the page.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from urllib.parse import urlencode
 
 import anyio
 from anyio import to_thread
@@ -18,7 +19,7 @@ from app import crud
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.dashboard.templating import fragment
-from app.dashboard.views import job_recipe_name, stage_bars
+from app.dashboard.views import stage_bars
 from app.events import job_events
 from app.models import JobStatus
 from app.schemas import JobOut
@@ -45,15 +46,26 @@ async def job_page_events(job_id: str) -> AsyncIterator[dict]:
             yield {"event": "end", "data": job.status.value}
 
 
-def list_page(status: JobStatus | None, model: str | None, limit: int, offset: int) -> tuple[list[JobOut], int]:
+def list_page(status: JobStatus | None, model: str | None, limit: int, offset: int) -> dict:
+    """One page of the job list, with its count and the links to its neighbours."""
     settings = get_settings()
     with session_scope() as session:
         rows, total = crud.list_jobs(session, status, limit, offset, model_contains=model)
-        return [JobOut.from_row(row, settings) for row in rows], total
+        jobs = [JobOut.from_row(row, settings) for row in rows]
+    filters = {"status": status.value if status else None, "model": model or None, "limit": limit}
+
+    def link(to: int) -> str:
+        return "/?" + urlencode({k: v for k, v in {**filters, "offset": to}.items() if v})
+
+    return {
+        "jobs": jobs, "total": total, "offset": offset, "limit": limit,
+        "previous_url": link(max(offset - limit, 0)) if offset > 0 else None,
+        "next_url": link(offset + limit) if offset + limit < total else None,
+    }
 
 
-def rows_html(jobs: list[JobOut]) -> str:
-    return fragment("_job_rows.html", jobs=jobs, recipe_name=job_recipe_name)
+def table_html(listing: dict) -> str:
+    return fragment("_job_table.html", **listing)
 
 
 async def job_list_events(
@@ -61,9 +73,8 @@ async def job_list_events(
 ) -> AsyncIterator[dict]:
     last = None
     while True:
-        jobs, _ = await to_thread.run_sync(list_page, status, model, limit, offset)
-        html = rows_html(jobs)
+        html = table_html(await to_thread.run_sync(list_page, status, model, limit, offset))
         if html != last:
-            yield {"event": "rows", "data": html}
+            yield {"event": "table", "data": html}
             last = html
         await anyio.sleep(poll_interval_s)

@@ -19,7 +19,7 @@ from app.crud import get_job
 from app.dashboard import charts, live
 from app.dashboard.auth import PrincipalDep
 from app.dashboard.templating import page
-from app.dashboard.views import delta_rows, job_recipe_name, metric_rows, size_rows, stage_bars, timing_rows
+from app.dashboard.views import delta_rows, metric_rows, size_rows, stage_bars, timing_rows
 from app.errors import Problem
 from app.models import Job, JobStatus
 from app.schemas import JobOut
@@ -49,15 +49,11 @@ def job_list(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0)] = 0,
 ):
-    jobs_, total = live.list_page(status, model or None, limit, offset)
     filters = {k: v for k, v in {"status": status.value if status else "", "model": model or "", "limit": limit}.items() if v}
-    here = request.url.include_query_params(**filters)
     return page(
-        request, "jobs.html", principal, jobs=jobs_, total=total, offset=offset, limit=limit, status=status,
-        model=model or "", statuses=list(JobStatus), page_sizes=PAGE_SIZES, recipe_name=job_recipe_name,
+        request, "jobs.html", principal, **live.list_page(status, model or None, limit, offset), status=status,
+        model=model or "", statuses=list(JobStatus), page_sizes=PAGE_SIZES,
         live_url=request.url_for("job_list_live").include_query_params(**filters, offset=offset),
-        previous_url=here.include_query_params(offset=max(offset - limit, 0)) if offset > 0 else None,
-        next_url=here.include_query_params(offset=offset + limit) if offset + limit < total else None,
     )
 
 
@@ -75,7 +71,7 @@ def job_list_live(
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(request: Request, job_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep):
     job = JobOut.from_row(load_job(session, job_id), settings)
-    return page(request, "job.html", principal, job=job, bars=stage_bars(job), recipe_name=job_recipe_name(job))
+    return page(request, "job.html", principal, job=job, bars=stage_bars(job))
 
 
 @router.get("/jobs/{job_id}/live")
@@ -103,7 +99,7 @@ def report_page(request: Request, job_id: str, principal: PrincipalDep, session:
     report = row.report or {}
     errors = charts.layer_errors(report.get("layers") or [])
     return page(
-        request, "report.html", principal, job=job, report=report, recipe_name=job_recipe_name(job),
+        request, "report.html", principal, job=job, report=report,
         metrics=metric_rows(report), deltas=delta_rows(report), sizes=size_rows(report), timings=timing_rows(report),
         chart=charts.layer_error_svg(errors, "chart-" + job.id), errors=errors,
     )
@@ -148,7 +144,7 @@ def compare(
     for c in columns:
         c["chart"] = charts.layer_error_svg(c["errors"], "chart-" + c["job"].id, y_max=scale)
     return page(
-        request, "compare.html", principal, columns=columns, recipe_name=job_recipe_name, max_compared=MAX_COMPARED,
+        request, "compare.html", principal, columns=columns, max_compared=MAX_COMPARED,
         metric_names=_union(c["metrics"] for c in columns), size_labels=_union(c["sizes"] for c in columns),
         timing_names=_union(c["timings"] for c in columns),
     )

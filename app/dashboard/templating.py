@@ -11,6 +11,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.responses import HTMLResponse
 
 from app.dashboard.auth import Principal
+from app.dashboard.views import job_recipe_name
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -45,6 +46,7 @@ def number(value: Any, digits: int = 4) -> str:
 
 
 templates.env.filters.update(human_bytes=human_bytes, when=when, number=number)
+templates.env.globals.update(recipe_name=job_recipe_name)
 
 
 def page(request: Request, name: str, principal: Principal, status_code: int = 200, **context: Any) -> HTMLResponse:
