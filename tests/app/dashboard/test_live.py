@@ -1,0 +1,88 @@
+"""The HTML event streams: a job page's panel and log follow the job row to its end; the
+job list sends its table again when a job on it changes, and only then."""
+
+import anyio
+
+from app.dashboard import live
+from app.models import JobStatus
+
+
+def first_events(stream, count: int, between=None) -> list[dict]:
+    """The first `count` events of an async stream; `between(i)` runs after event i."""
+
+    async def collect() -> list[dict]:
+        events = []
+        with anyio.fail_after(20):
+            async for event in stream:
+                events.append(event)
+                if len(events) == count:
+                    break
+                if between is not None:
+                    await anyio.to_thread.run_sync(between, len(events))
+        await stream.aclose()
+        return events
+
+    return anyio.run(collect)
+
+
+def test_a_finished_job_streams_its_panel_a_log_line_and_the_end(client, succeeded_job, html):
+    job_id, _ = succeeded_job()
+    with client.stream("GET", f"/jobs/{job_id}/live") as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        text = "".join(response.iter_text())
+    blocks = [b for b in text.replace("\r\n", "\n").split("\n\n") if b.strip() and not b.startswith(":")]
+    kinds = [next(line.split(": ", 1)[1] for line in b.splitlines() if line.startswith("event:")) for b in blocks]
+    assert kinds == ["state", "log", "end"]
+    state = "\n".join(line.removeprefix("data: ") for line in blocks[0].splitlines() if line.startswith("data:"))
+    panel = html(state)
+    assert panel.find_all("strong", data_testid="status")[0].text == "succeeded"
+    assert [a.attrs["href"] for a in panel.find_all("a")][0] == f"/jobs/{job_id}/report"
+
+
+def test_a_running_job_streams_each_change_until_it_ends(submit, set_job, settings):
+    job_id = submit().json()["id"]
+    steps = [
+        dict(status=JobStatus.RUNNING, progress_stage="quantize", progress_current=5, progress_total=210,
+             progress_message="model.layers.0.mlp.up_proj"),
+        dict(status=JobStatus.CANCELLED, progress_message="cancelled"),
+    ]
+
+    def advance(n: int) -> None:  # after each state and its log line, the worker moves on
+        if n in (2, 4):
+            set_job(job_id, **steps[n // 2 - 1])
+
+    events = first_events(live.job_page_events(job_id), 7, between=advance)
+    assert [e["event"] for e in events] == ["state", "log", "state", "log", "state", "log", "end"]
+    assert "5 of 210" in events[2]["data"] and "model.layers.0.mlp.up_proj" in events[3]["data"]
+    assert events[-1]["data"] == "cancelled"
+
+
+def test_the_list_stream_sends_the_table_when_a_job_on_it_changes(submit, set_job, settings, html):
+    job_id = submit().json()["id"]
+    stream = live.job_list_events(None, None, 20, 0, poll_interval_s=0.05)
+    changed = []
+
+    def change(n: int) -> None:
+        if n == 1:
+            set_job(job_id, status=JobStatus.RUNNING, progress_percent=30.0, progress_stage="baseline")
+            changed.append(submit().json()["id"])  # a new job appears on the page too
+
+    first, second = first_events(stream, 2, between=change)
+    assert first["event"] == second["event"] == "table"
+    before, after = html(first["data"]), html(second["data"])
+    assert before.by_id(f"job-{job_id}").attrs["data-status"] == "queued"
+    assert after.by_id(f"job-{job_id}").attrs["data-status"] == "running"
+    assert after.by_id(f"job-{changed[0]}") and after.by_id("job-count").text.startswith("2 jobs")
+
+
+def test_the_list_stream_is_quiet_while_nothing_changes(submit, settings):
+    submit()
+
+    async def count_events() -> int:
+        seen = 0
+        with anyio.move_on_after(0.6):  # a dozen polls
+            async for _ in live.job_list_events(None, None, 20, 0, poll_interval_s=0.05):
+                seen += 1
+        return seen
+
+    assert anyio.run(count_events) == 1
