@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # README command 2: install, then run the whole test suite.
-# The end-to-end tests start their own PostgreSQL and Redis; as root this installs them
-# with apt when they are missing. Extra arguments go to pytest.
+# The end-to-end tests start their own PostgreSQL and Redis, and drive the dashboard in
+# Chromium; as root this installs them with apt when they are missing. Extra arguments go
+# to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 need=()
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)  # the dashboard's browser tests
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
   else
-    echo "note: ${need[*]} missing and not root: the Postgres/Redis tests will skip (fail under CI=true)" >&2
+    echo "note: ${need[*]} missing and not root: the tests that need them will skip (fail under CI=true)" >&2
   fi
 fi
 # The Triton kernel tests run in a process of their own: without a GPU they run through
