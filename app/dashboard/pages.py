@@ -7,6 +7,7 @@ and `app.artifacts`, and render the API's own `JobOut` with the stored report.
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -34,9 +35,9 @@ class PageNotFound(Exception):
 
 
 def load_job(session, job_id: str) -> Job:
-    job = get_job(session, job_id[:64])
+    job = get_job(session, job_id) if len(job_id) <= 64 else None
     if job is None:
-        raise PageNotFound(f"No job with id {job_id}.")
+        raise PageNotFound(f"No job with id {job_id[:64]}.")
     return job
 
 
@@ -53,11 +54,11 @@ def job_list(
     return page(
         request, "jobs.html", principal, **live.list_page(status, model or None, limit, offset), status=status,
         model=model or "", statuses=list(JobStatus), page_sizes=PAGE_SIZES,
-        live_url=request.url_for("job_list_live").include_query_params(**filters, offset=offset),
+        live_url="/jobs/live?" + urlencode({**filters, "offset": offset}),
     )
 
 
-@router.get("/jobs/live", name="job_list_live")
+@router.get("/jobs/live")
 def job_list_live(
     principal: PrincipalDep,
     status: JobStatus | None = None,
@@ -81,13 +82,13 @@ def job_live(job_id: str, principal: PrincipalDep, session: SessionDep) -> Event
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel(request: Request, job_id: str, principal: PrincipalDep, session: SessionDep):
+def cancel(job_id: str, principal: PrincipalDep, session: SessionDep):
     job = load_job(session, job_id)
     try:
         jobs.cancel(session, job)
     except Problem:  # finished meanwhile: the job page shows how it ended
         pass
-    return RedirectResponse(request.url_for("job_page", job_id=job.id), status_code=303)
+    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
 
 @router.get("/jobs/{job_id}/report", response_class=HTMLResponse)
@@ -126,7 +127,7 @@ def compare(
     principal: PrincipalDep,
     session: SessionDep,
     settings: SettingsDep,
-    id: Annotated[list[str], Query(max_length=64)] = [],  # noqa: B006 - FastAPI copies defaults
+    id: Annotated[list[str], Query()] = [],  # noqa: B006 - FastAPI copies defaults
 ):
     ids = list(dict.fromkeys(id))[:MAX_COMPARED]  # each job once, in the order chosen
     columns = []

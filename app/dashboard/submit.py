@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -83,7 +84,7 @@ def submit_job(
         errors = forms.problem_errors(problem.extra["errors"], values.get("recipe", "")) if "errors" in problem.extra \
             else forms.FormErrors({"": [problem.detail]})
         return _form(request, principal, session, values, errors, status_code=problem.status)
-    return RedirectResponse(request.url_for("job_page", job_id=job.id), status_code=303)
+    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
 
 @router.post("/uploads/model", response_class=HTMLResponse)
@@ -93,9 +94,8 @@ async def upload_model(request: Request, principal: PrincipalDep, session: Sessi
         model = await uploads.receive_model(request, session, settings)
     except Problem as problem:
         return _upload_failed(request, principal, session, "model", problem)
-    url = request.url_for("new_job").include_query_params(kind="classic", model=f"upload:{model.id}",
-                                                         uploaded=f"model {model.name}")
-    return RedirectResponse(url, status_code=303)
+    query = urlencode({"kind": "classic", "model": f"upload:{model.id}", "uploaded": f"model {model.name}"})
+    return RedirectResponse(f"/jobs/new?{query}", status_code=303)
 
 
 @router.post("/uploads/dataset", response_class=HTMLResponse)
@@ -104,8 +104,8 @@ async def upload_dataset(request: Request, principal: PrincipalDep, session: Ses
         dataset = await uploads.receive_dataset(request, session, settings)
     except Problem as problem:
         return _upload_failed(request, principal, session, "dataset", problem)
-    url = request.url_for("new_job").include_query_params(kind="classic", uploaded=f"dataset {dataset.name}")
-    return RedirectResponse(url, status_code=303)
+    query = urlencode({"kind": "classic", "uploaded": f"dataset {dataset.name}"})
+    return RedirectResponse(f"/jobs/new?{query}", status_code=303)
 
 
 def _upload_failed(request: Request, principal: Principal, session, what: str, problem: Problem) -> HTMLResponse:
