@@ -77,7 +77,7 @@ class AsyncClient:
             except httpx.TransportError as exc:
                 delay = self.retry.after_error(exc, retry, idempotent)
                 if delay is None:
-                    raise ServerUnavailable(f"{type(exc).__name__}: {exc}", f"{method} {self.base_url}{path}") from exc
+                    raise ServerUnavailable(f"{method} {self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
                 log.info("%s %s: %s; retry %d in %.2f s", method, path, type(exc).__name__, retry, delay)
             else:
                 if response.is_success:
@@ -153,7 +153,7 @@ class AsyncClient:
                     failures += 1
                     delay = self.retry.after_error(exc, failures)
                     if delay is None:
-                        raise ServerUnavailable(f"event stream of job {job_id}: {type(exc).__name__}: {exc}") from exc
+                        raise ServerUnavailable(f"{self.base_url}, event stream of job {job_id}: {type(exc).__name__}: {exc}") from exc
                     await anyio.sleep(min(delay, remaining(deadline, delay)))
                     continue
             job = await self.get(job_id)
@@ -229,7 +229,7 @@ class AsyncClient:
                 except httpx.TransportError as exc:
                     delay = self.retry.after_error(exc, retry)
                     if delay is None:
-                        raise ServerUnavailable(f"downloading job {job_id}: {type(exc).__name__}: {exc}") from exc
+                        raise ServerUnavailable(f"{self.base_url}, downloading job {job_id}: {type(exc).__name__}: {exc}") from exc
                     await anyio.sleep(delay)
         finally:
             if part is not None:

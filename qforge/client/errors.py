@@ -53,8 +53,8 @@ class QforgeError(Exception):
 class ServerUnavailable(QforgeError):
     """The server could not be reached (connection refused, DNS, timeouts) after every retry."""
 
-    def __init__(self, detail: str, request: str | None = None) -> None:
-        super().__init__(None, "about:blank", "Server unreachable", detail, request=request)
+    def __init__(self, detail: str) -> None:
+        super().__init__(None, "about:blank", "Server unreachable", detail)
 
 
 class ChecksumMismatch(QforgeError):

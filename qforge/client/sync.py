@@ -83,7 +83,7 @@ class Client:
             except httpx.TransportError as exc:
                 delay = self.retry.after_error(exc, retry, idempotent)
                 if delay is None:
-                    raise ServerUnavailable(f"{type(exc).__name__}: {exc}", f"{method} {self.base_url}{path}") from exc
+                    raise ServerUnavailable(f"{method} {self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
                 log.info("%s %s: %s; retry %d in %.2f s", method, path, type(exc).__name__, retry, delay)
             else:
                 if response.is_success:
@@ -171,7 +171,7 @@ class Client:
                     failures += 1
                     delay = self.retry.after_error(exc, failures)
                     if delay is None:
-                        raise ServerUnavailable(f"event stream of job {job_id}: {type(exc).__name__}: {exc}") from exc
+                        raise ServerUnavailable(f"{self.base_url}, event stream of job {job_id}: {type(exc).__name__}: {exc}") from exc
                     time.sleep(min(delay, remaining(deadline, delay)))
                     continue
             # the stream ended early (a restarting server), or there is none: look, then go on
@@ -249,7 +249,7 @@ class Client:
                 except httpx.TransportError as exc:
                     delay = self.retry.after_error(exc, retry)
                     if delay is None:
-                        raise ServerUnavailable(f"downloading job {job_id}: {type(exc).__name__}: {exc}") from exc
+                        raise ServerUnavailable(f"{self.base_url}, downloading job {job_id}: {type(exc).__name__}: {exc}") from exc
                     log.info("download of job %s broke at %d bytes (%s); resuming in %.2f s",
                              job_id, part.written if part else 0, type(exc).__name__, delay)
                     time.sleep(delay)
