@@ -5,8 +5,8 @@ the event-stream parser, progress display and the download's part file. Only the
 from __future__ import annotations
 
 import hashlib
-import time
 import os
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path

@@ -25,7 +25,13 @@ from app.models import JobStatus
 from app.schemas import DatasetOut, JobOut, JobPage, ModelOut, Preset
 from qforge.client import _shared as shared
 from qforge.client._shared import answer_start, check_answer, remaining
-from qforge.client.errors import ChecksumMismatch, QforgeError, ServerUnavailable, WaitTimeout, error_from_response
+from qforge.client.errors import (
+    ChecksumMismatch,
+    QforgeError,
+    ServerUnavailable,
+    WaitTimeout,
+    error_from_response,
+)
 from qforge.client.retry import RetryPolicy
 
 log = logging.getLogger("qforge.client")
@@ -77,7 +83,7 @@ class AsyncClient:
             except httpx.TransportError as exc:
                 delay = self.retry.after_error(exc, retry, idempotent)
                 if delay is None:
-                    raise ServerUnavailable(f"{method} {self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
+                    raise ServerUnavailable.after(f"{method} {self.base_url}{path}", exc) from exc
                 log.info("%s %s: %s; retry %d in %.2f s", method, path, type(exc).__name__, retry, delay)
             else:
                 if response.is_success:
@@ -153,7 +159,7 @@ class AsyncClient:
                     failures += 1
                     delay = self.retry.after_error(exc, failures)
                     if delay is None:
-                        raise ServerUnavailable(f"{self.base_url}, event stream of job {job_id}: {type(exc).__name__}: {exc}") from exc
+                        raise ServerUnavailable.after(f"{self.base_url}, events of job {job_id}", exc) from exc
                     await anyio.sleep(min(delay, remaining(deadline, delay)))
                     continue
             job = await self.get(job_id)
@@ -229,7 +235,7 @@ class AsyncClient:
                 except httpx.TransportError as exc:
                     delay = self.retry.after_error(exc, retry)
                     if delay is None:
-                        raise ServerUnavailable(f"{self.base_url}, downloading job {job_id}: {type(exc).__name__}: {exc}") from exc
+                        raise ServerUnavailable.after(f"{self.base_url}, artifact of job {job_id}", exc) from exc
                     await anyio.sleep(delay)
         finally:
             if part is not None:

@@ -56,6 +56,10 @@ class ServerUnavailable(QforgeError):
     def __init__(self, detail: str) -> None:
         super().__init__(None, "about:blank", "Server unreachable", detail)
 
+    @classmethod
+    def after(cls, where: str, error: Exception) -> ServerUnavailable:
+        return cls(f"{where}: {type(error).__name__}: {error}")
+
 
 class ChecksumMismatch(QforgeError):
     """A download's bytes do not hash to the sha256 the API gave; nothing was kept."""
@@ -105,7 +109,8 @@ def error_from_response(response: httpx.Response) -> QforgeError:
         pass
     if problem is None:
         text = response.content[:500].decode("utf-8", "replace").strip()
-        return QforgeError(response.status_code, "about:blank", response.reason_phrase or "HTTP error", text, request=request)
+        title = response.reason_phrase or "HTTP error"
+        return QforgeError(response.status_code, "about:blank", title, text, request=request)
     return QforgeError(
         int(problem.get("status") or response.status_code),
         str(problem.get("type", "about:blank")),

@@ -24,7 +24,13 @@ from app.models import JobStatus
 from app.schemas import DatasetOut, JobOut, JobPage, ModelOut, Preset
 from qforge.client import _shared as shared
 from qforge.client._shared import answer_start, check_answer, remaining
-from qforge.client.errors import ChecksumMismatch, QforgeError, ServerUnavailable, WaitTimeout, error_from_response
+from qforge.client.errors import (
+    ChecksumMismatch,
+    QforgeError,
+    ServerUnavailable,
+    WaitTimeout,
+    error_from_response,
+)
 from qforge.client.retry import RetryPolicy
 
 log = logging.getLogger("qforge.client")
@@ -83,7 +89,7 @@ class Client:
             except httpx.TransportError as exc:
                 delay = self.retry.after_error(exc, retry, idempotent)
                 if delay is None:
-                    raise ServerUnavailable(f"{method} {self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
+                    raise ServerUnavailable.after(f"{method} {self.base_url}{path}", exc) from exc
                 log.info("%s %s: %s; retry %d in %.2f s", method, path, type(exc).__name__, retry, delay)
             else:
                 if response.is_success:
@@ -171,7 +177,7 @@ class Client:
                     failures += 1
                     delay = self.retry.after_error(exc, failures)
                     if delay is None:
-                        raise ServerUnavailable(f"{self.base_url}, event stream of job {job_id}: {type(exc).__name__}: {exc}") from exc
+                        raise ServerUnavailable.after(f"{self.base_url}, events of job {job_id}", exc) from exc
                     time.sleep(min(delay, remaining(deadline, delay)))
                     continue
             # the stream ended early (a restarting server), or there is none: look, then go on
@@ -231,7 +237,8 @@ class Client:
                 offset = part.resume_offset() if part else 0
                 headers = {"Range": f"bytes={offset}-", "If-Range": f'"{part.sha256}"'} if offset else {}
                 try:
-                    with self._http.stream("GET", shared.job_path(job_id, "artifact"), params=params, headers=headers) as response:
+                    url = shared.job_path(job_id, "artifact")
+                    with self._http.stream("GET", url, params=params, headers=headers) as response:
                         if not response.is_success:
                             response.read()
                             error = error_from_response(response)
@@ -249,7 +256,7 @@ class Client:
                 except httpx.TransportError as exc:
                     delay = self.retry.after_error(exc, retry)
                     if delay is None:
-                        raise ServerUnavailable(f"{self.base_url}, downloading job {job_id}: {type(exc).__name__}: {exc}") from exc
+                        raise ServerUnavailable.after(f"{self.base_url}, artifact of job {job_id}", exc) from exc
                     log.info("download of job %s broke at %d bytes (%s); resuming in %.2f s",
                              job_id, part.written if part else 0, type(exc).__name__, delay)
                     time.sleep(delay)

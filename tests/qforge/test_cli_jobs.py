@@ -117,7 +117,8 @@ def test_exit_codes_for_bad_input_a_failed_job_a_timeout_and_no_server(cli, tmp_
     assert cli("submit", "bundled:smollm2-135m", "--recipe", str(tmp_path / "missing.yaml")).returncode == 2
 
     recipe = tmp_path / "g7.yaml"  # a group size that divides no layer: found only when the job runs
-    recipe.write_text("name: g7\nstages:\n  - algorithm: rtn\n    weights: {type: int, bits: 4, granularity: group, group_size: 7}\n")
+    weights = "{type: int, bits: 4, granularity: group, group_size: 7}"
+    recipe.write_text(f"name: g7\nstages:\n  - algorithm: rtn\n    weights: {weights}\n")
     failed = cli("submit", "bundled:smollm2-135m", "--recipe", str(recipe), "--perplexity-tokens", "512", "--wait")
     assert failed.returncode == 3 and "group_size 7" in failed.stderr
     assert cli("status", failed.stdout.strip()).returncode == 3
@@ -145,7 +146,8 @@ def test_quantize_runs_the_same_job_locally(env, example, live_server, tmp_path,
         served = qf.report(succeeded_job(example[1].stderr))
     # the worker's pipeline, run here: the same request measures the same model
     assert report["request"] == served["request"]
-    assert report["metrics"]["quantized"]["perplexity"] == pytest.approx(served["metrics"]["quantized"]["perplexity"], rel=1e-4)
+    perplexity = served["metrics"]["quantized"]["perplexity"]
+    assert report["metrics"]["quantized"]["perplexity"] == pytest.approx(perplexity, rel=1e-4)
     assert not (out / "spill").exists()
 
     over = subprocess.run(["qforge", "report", str(out), "--check", "perplexity_ratio<=1.05"], env=local,

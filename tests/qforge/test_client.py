@@ -18,7 +18,15 @@ import torch
 from safetensors.torch import save_file
 
 from app.errors import PROBLEM_BASE
-from qforge.client import AsyncClient, ChecksumMismatch, Client, JobCancelled, JobFailed, QforgeError, WaitTimeout
+from qforge.client import (
+    AsyncClient,
+    ChecksumMismatch,
+    Client,
+    JobCancelled,
+    JobFailed,
+    QforgeError,
+    WaitTimeout,
+)
 from quantcore.job import STAGES
 from quantcore.recipe import PRESETS, preset
 

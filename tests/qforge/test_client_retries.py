@@ -17,7 +17,14 @@ import anyio
 import pytest
 
 from app.schemas import ArtifactInfo, JobOut, JobProgress
-from qforge.client import AsyncClient, ChecksumMismatch, Client, QforgeError, RetryPolicy, ServerUnavailable
+from qforge.client import (
+    AsyncClient,
+    ChecksumMismatch,
+    Client,
+    QforgeError,
+    RetryPolicy,
+    ServerUnavailable,
+)
 from qforge.client.retry import parse_retry_after
 
 FAST = RetryPolicy(backoff_s=0.05, jitter=False)
@@ -81,7 +88,7 @@ def stub():
 
 
 def job_json(job_id: str = "ab" * 16, artifact: ArtifactInfo | None = None) -> dict:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     job = JobOut(id=job_id, status="succeeded" if artifact else "queued", model="bundled:smollm2-135m", recipe={},
                  request={}, progress=JobProgress(), cancel_requested=False, attempts=1, artifact=artifact,
                  artifacts=[artifact] if artifact else [], created_at=now, started_at=None, finished_at=None,
@@ -100,7 +107,7 @@ def test_5xx_is_retried_with_growing_backoff_until_it_succeeds(stub):
     assert [p.name for p in presets] == ["w4a16-rtn-g64"]
     tries = stub.requests("GET", "/v1/recipes/presets")
     assert len(tries) == 3
-    gaps = [b["at"] - a["at"] for a, b in zip(tries, tries[1:])]
+    gaps = [b["at"] - a["at"] for a, b in zip(tries, tries[1:], strict=False)]
     assert gaps[0] >= 0.05 and gaps[1] >= 0.1, gaps  # 0.05 s, then doubled
     assert all(t["headers"]["Authorization"] == "Bearer k-123" for t in tries)
 
@@ -111,13 +118,15 @@ def test_a_4xx_is_never_retried_and_its_problem_is_parsed(stub):
     with Client(stub.url, retry=FAST) as qf, pytest.raises(QforgeError) as caught:
         qf.get("x")
     error = caught.value
-    assert (error.status, error.type, error.title, error.detail) == (404, problem["type"], "Job not found", problem["detail"])
+    assert (error.status, error.type, error.title) == (404, problem["type"], "Job not found")
+    assert error.detail == problem["detail"]
     assert error.slug == "job-not-found" and error.is_client_error
     assert len(stub.requests("GET", "/v1/jobs/x")) == 1
 
 
 def test_429_waits_as_long_as_retry_after_says(stub):
-    stub.script[("GET", "/v1/recipes/presets")] = [Reply(429, {"title": "slow down"}, {"Retry-After": "1"}), Reply(200, PRESETS)]
+    slow_down = Reply(429, {"title": "slow down"}, {"Retry-After": "1"})
+    stub.script[("GET", "/v1/recipes/presets")] = [slow_down, Reply(200, PRESETS)]
     with Client(stub.url, retry=RetryPolicy(backoff_s=0.01, jitter=False)) as qf:
         qf.presets()
     first, second = stub.requests("GET", "/v1/recipes/presets")
@@ -125,7 +134,8 @@ def test_429_waits_as_long_as_retry_after_says(stub):
 
 
 def test_retries_are_bounded(stub):
-    stub.script[("GET", "/v1/recipes/presets")] = [Reply(503, {"type": PROBLEM + "not-ready", "title": "Not ready", "status": 503})]
+    not_ready = {"type": PROBLEM + "not-ready", "title": "Not ready", "status": 503}
+    stub.script[("GET", "/v1/recipes/presets")] = [Reply(503, not_ready)]
     with Client(stub.url, retry=RetryPolicy(attempts=3, backoff_s=0.01)) as qf, pytest.raises(QforgeError) as caught:
         qf.presets()
     assert caught.value.status == 503 and caught.value.slug == "not-ready"
@@ -196,7 +206,8 @@ def test_a_broken_download_resumes_where_it_stopped(stub, tmp_path):
     half = len(content) // 2
     rest = Reply(206, content[half:], {"Content-Range": f"bytes {half}-{len(content) - 1}/{len(content)}",
                                         "X-Checksum-SHA256": sha})
-    stub.script[("GET", f"/v1/jobs/{job_id}/artifact")] = [Reply(200, content, {"X-Checksum-SHA256": sha}, cut_at=half), rest]
+    cut = Reply(200, content, {"X-Checksum-SHA256": sha}, cut_at=half)
+    stub.script[("GET", f"/v1/jobs/{job_id}/artifact")] = [cut, rest]
     with Client(stub.url, retry=FAST) as qf:
         path = qf.download(job_id, tmp_path)
     assert path == tmp_path / f"qforge-{job_id}.tar"
@@ -217,8 +228,10 @@ def test_a_download_that_does_not_match_its_sha256_leaves_no_file(stub, tmp_path
 
 
 def test_the_async_client_retries_the_same_way(stub):
-    stub.script[("GET", "/v1/recipes/presets")] = [Reply(503, {"title": "busy"}), Reply(500, {"title": "oops"}), Reply(200, PRESETS)]
-    stub.script[("GET", "/v1/jobs/x")] = [Reply(422, {"type": PROBLEM + "validation-error", "title": "Invalid", "status": 422})]
+    stub.script[("GET", "/v1/recipes/presets")] = [Reply(503, {"title": "busy"}), Reply(500, {"title": "oops"}),
+                                                   Reply(200, PRESETS)]
+    invalid = {"type": PROBLEM + "validation-error", "title": "Invalid", "status": 422}
+    stub.script[("GET", "/v1/jobs/x")] = [Reply(422, invalid)]
 
     async def main():
         async with AsyncClient(stub.url, retry=FAST) as qf:
@@ -234,7 +247,7 @@ def test_the_async_client_retries_the_same_way(stub):
 
 def test_retry_after_is_read_as_seconds_or_as_a_date():
     assert parse_retry_after("7") == 7.0
-    later = email.utils.format_datetime(dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=30), usegmt=True)
+    later = email.utils.format_datetime(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30), usegmt=True)
     assert 28 <= parse_retry_after(later) <= 30
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
     policy = RetryPolicy(backoff_s=1.0, max_backoff_s=4.0)
