@@ -36,6 +36,7 @@ class JobDisplay:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
                 TextColumn("{task.fields[step]}"), TimeElapsedColumn(), console=self.console,
+                redirect_stdout=False,  # stdout is the command's answer (a job id, JSON), never the bar's
             )
             self._task = self._progress.add_task(label, total=100.0, step="")
 
@@ -75,7 +76,8 @@ def bytes_display(name: str, console: Console | None = None) -> tuple[Callable[[
     if not console.is_terminal:
         return lambda done, total: None, lambda: None
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console
+        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console,
+        redirect_stdout=False,
     )
     task = progress.add_task(name, total=None)
     progress.start()

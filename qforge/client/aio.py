@@ -144,11 +144,13 @@ class AsyncClient:
         while True:
             if events:
                 try:
-                    async for job in self._events(job_id, deadline):
-                        failures = 0
-                        show(job)
-                        if job.status.terminal:
-                            return job
+                    # closed on return too, so the stream's connection goes back at once
+                    async with contextlib.aclosing(self._events(job_id, deadline)) as stream:
+                        async for job in stream:
+                            failures = 0
+                            show(job)
+                            if job.status.terminal:
+                                return job
                 except QforgeError as error:
                     if not shared.events_missing(error):
                         raise

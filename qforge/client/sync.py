@@ -162,11 +162,13 @@ class Client:
         while True:
             if events:
                 try:
-                    for job in self._events(job_id, deadline):
-                        failures = 0
-                        show(job)
-                        if job.status.terminal:
-                            return job
+                    # closed on return too, so the stream's connection goes back at once
+                    with contextlib.closing(self._events(job_id, deadline)) as stream:
+                        for job in stream:
+                            failures = 0
+                            show(job)
+                            if job.status.terminal:
+                                return job
                 except QforgeError as error:
                     if not shared.events_missing(error):
                         raise

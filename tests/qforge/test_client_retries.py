@@ -21,6 +21,7 @@ from qforge.client import (
     AsyncClient,
     ChecksumMismatch,
     Client,
+    JobFailed,
     QforgeError,
     RetryPolicy,
     ServerUnavailable,
@@ -253,3 +254,29 @@ def test_retry_after_is_read_as_seconds_or_as_a_date():
     policy = RetryPolicy(backoff_s=1.0, max_backoff_s=4.0)
     for retry, ceiling in ((1, 1.0), (2, 2.0), (3, 4.0), (6, 4.0)):
         assert ceiling / 2 <= policy.backoff(retry) <= ceiling  # equal jitter: at least half
+
+
+def sse(*jobs: dict) -> Reply:
+    text = "".join(f"event: status\nid: {i}\ndata: {json.dumps(job)}\n\n" for i, job in enumerate(jobs, 1))
+    return Reply(200, (": ping\n\n" + text).encode(), {"Content-Type": "text/event-stream"})
+
+
+def test_wait_reconnects_a_stream_that_ended_early_and_polls_a_server_without_one(stub):
+    job_id = "ab" * 16
+    running = {**job_json(job_id), "status": "running"}
+    done = job_json(job_id, ArtifactInfo(url="/x", sha256="0" * 64, bytes=1))
+    # a stream that ends while the job runs (a restarting server), then one that sees it finish
+    stub.script[("GET", f"/v1/jobs/{job_id}/events")] = [sse(running), sse(done)]
+    stub.script[("GET", f"/v1/jobs/{job_id}")] = [Reply(200, running)]
+    seen = []
+    with Client(stub.url, retry=FAST) as qf:
+        assert qf.wait(job_id, timeout=30, progress=seen.append).status == "succeeded"
+    assert [j.status for j in seen] == ["running", "running", "succeeded"]  # stream, the look between, stream
+    assert len(stub.requests("GET", f"/v1/jobs/{job_id}/events")) == 2
+
+    other = "cd" * 16
+    stub.script[("GET", f"/v1/jobs/{other}")] = [Reply(200, {**running, "id": other}),
+                                                 Reply(200, {**done, "id": other, "status": "failed", "error": "boom"})]
+    with Client(stub.url, retry=FAST) as qf, pytest.raises(JobFailed) as caught:
+        qf.wait(other, timeout=30, progress=False)  # no events route here: the default 404 not-found
+    assert caught.value.reason == "boom" and len(stub.requests("GET", f"/v1/jobs/{other}/events")) == 1
