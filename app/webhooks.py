@@ -39,7 +39,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # --------------------------------------------------------------------------------------
 def _check_url(url: str) -> str:
     if not url.isascii() or any(c.isspace() or not c.isprintable() for c in url):
-        raise ValueError("must be ASCII without spaces: percent-encode other characters, and give a host name in its xn-- form")
+        raise ValueError(
+            "must be ASCII without spaces: percent-encode other characters, and give a host name in its xn-- form"
+        )
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https"):
         raise ValueError(f"must be an http:// or https:// URL, not '{parts.scheme or url}'")
@@ -129,7 +131,8 @@ def check_callback(url: str, settings: Settings) -> None:
     else:
         if all(address_allowed(a, settings) for a in addresses):
             return
-        message, kind = not_allowed_reason(host, [a for a in addresses if not address_allowed(a, settings)]), "callback_url_not_allowed"
+        refused = [a for a in addresses if not address_allowed(a, settings)]
+        message, kind = not_allowed_reason(host, refused), "callback_url_not_allowed"
     error = {"loc": ["body", "callback_url"], "msg": message, "type": kind}
     raise validation_problem([error], slug="callback-url-not-allowed", title="Callback URL not allowed")
 
@@ -167,8 +170,10 @@ def build_event(job: Job, event_id: str, settings: Settings, now: dt.datetime) -
         stored = job_artifacts(job)
         if stored:
             links["artifact"] = f"{base}/artifact"
+        # as in the job JSON: the main artifact's plain URL, ?format= for each further one
         artifacts = [
-            {"format": a.format, "sha256": a.sha256, "bytes": a.bytes, "url": f"{base}/artifact" + (f"?format={a.format}" if a.format and i else "")}
+            {"format": a.format, "sha256": a.sha256, "bytes": a.bytes,
+             "url": f"{base}/artifact" + (f"?format={a.format}" if i and a.format else "")}
             for i, a in enumerate(stored)
         ]
     event = {

@@ -71,22 +71,22 @@ class Settings(BaseSettings):
 
     # Webhooks: one signed POST to a job's callback_url when it finishes (app.webhooks, worker.webhooks).
     public_url: str | None = Field(
-        None, description="the API's address as webhook receivers reach it, for the links in events; default http://<host>:<port>"
+        None, description="the API's address as webhook receivers reach it, for links in events; default http://<host>:<port>"
     )
     webhook_secret: SecretStr | None = Field(
         None, description="key of webhook signatures; empty: one generated once and kept in <data_dir>/webhook.secret"
     )
     webhook_allow_loopback: bool | None = Field(
-        None, description="callback URLs may reach this machine's loopback addresses; empty: only with the embedded SQLite database"
+        None, description="callback URLs may reach this machine's loopback addresses; empty: only with the embedded SQLite"
     )
     # NoDecode: a comma-separated list in the environment, not JSON
     webhook_allowed_networks: Annotated[tuple[IPv4Network | IPv6Network, ...], NoDecode] = Field(
-        (), description="non-public networks receivers may be in, comma-separated (e.g. 10.0.0.0/8); public addresses always are"
+        (), description="non-public networks receivers may be in, comma-separated (e.g. 10.0.0.0/8); public ones always are"
     )
-    webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="longest one delivery attempt may take, connecting included")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="longest one delivery attempt may take, connecting too")
     webhook_max_attempts: int = Field(6, ge=1, le=50, description="attempts of one event before it is given up")
     webhook_backoff_s: float = Field(
-        20.0, gt=0, description="wait before the first retry, doubled for each next one (20: six attempts span about 10 minutes)"
+        20.0, gt=0, description="wait before the first retry, doubled for each next one (20: six attempts span ~10 minutes)"
     )
     webhook_poll_interval_s: float = Field(2.0, gt=0, description="how often each worker looks for events to send")
 
