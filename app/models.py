@@ -132,7 +132,9 @@ class Job(Base):
 
     callback_url: Mapped[str | None] = mapped_column(String(2048))  # POSTed a signed event when the job finishes
     # selectin: shown with every job the API returns, one query for a whole page
-    webhook: Mapped[WebhookDelivery | None] = relationship(lazy="selectin", uselist=False)
+    webhook: Mapped[WebhookDelivery | None] = relationship(
+        lazy="selectin", uselist=False, cascade="all, delete-orphan", passive_deletes=True
+    )
 
 
 class WebhookDelivery(Base):

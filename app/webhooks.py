@@ -32,6 +32,7 @@ from quantcore.job import JobRequest
 
 MAX_URL_LENGTH = 2048  # the jobs.callback_url column; longer URLs are refused by many servers anyway
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # IPv6 addresses a NAT64 gateway turns into the IPv4 address inside
 
 
 # --------------------------------------------------------------------------------------
@@ -92,6 +93,8 @@ def request_data(request: JobRequest | ClassicJobRequest) -> dict[str, Any]:
 def address_allowed(address: IPAddress, settings: Settings) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    elif isinstance(address, ipaddress.IPv6Address) and address in NAT64:
+        address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)  # 64:ff9b::a00:1 reaches 10.0.0.1
     if any(address.version == net.version and address in net for net in settings.webhook_allowed_networks):
         return True
     if address.is_loopback:
@@ -101,7 +104,8 @@ def address_allowed(address: IPAddress, settings: Settings) -> bool:
 
 
 def resolve(host: str, port: int) -> list[IPAddress]:
-    """Every address a host name stands for (an IP literal is its own); raises OSError."""
+    """Every address a host name stands for (an IP literal is its own); raises OSError (or
+    UnicodeError, for a name that cannot be encoded)."""
     try:
         return [ipaddress.ip_address(host)]
     except ValueError:
@@ -126,8 +130,9 @@ def check_callback(url: str, settings: Settings) -> None:
     host, port = parts.hostname or "", parts.port or (443 if parts.scheme.lower() == "https" else 80)
     try:
         addresses = resolve(host, port)
-    except OSError as exc:
-        message, kind = f"the host '{host}' does not resolve: {exc.strerror or exc}", "callback_url_unresolved"
+    except (OSError, UnicodeError) as exc:  # UnicodeError: a label over 63 characters, say
+        reason = getattr(exc, "strerror", None) or exc
+        message, kind = f"the host '{host}' does not resolve: {reason}", "callback_url_unresolved"
     else:
         if all(address_allowed(a, settings) for a in addresses):
             return

@@ -76,8 +76,8 @@ class GuardedBackend(httpcore.NetworkBackend):
                     socket_options=None) -> httpcore.NetworkStream:
         try:
             addresses = resolve(host, port)
-        except OSError as exc:
-            raise httpcore.ConnectError(f"cannot resolve '{host}': {exc.strerror or exc}") from exc
+        except (OSError, UnicodeError) as exc:
+            raise httpcore.ConnectError(f"cannot resolve '{host}': {getattr(exc, 'strerror', None) or exc}") from exc
         usable = [a for a in addresses if self._allowed(a)]
         if not usable:
             raise TargetNotAllowed(not_allowed_reason(host, addresses))

@@ -47,6 +47,7 @@ SENDERS = 4  # attempts in flight at once, so one slow receiver does not hold up
 LEASE_MARGIN_S = 30.0  # beyond the attempt's timeout, before another worker may take it over
 MAX_RETRY_AFTER_S = 3600.0
 RETRY_STATUSES = frozenset({408, 429})
+USER_AGENT = f"qforge-webhooks/{version('qforge')}"
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ def record(attempt: Attempt, outcome: Outcome, settings: Settings, now: dt.datet
 def headers(attempt: Attempt, secret: bytes) -> dict[str, str]:
     return {
         "Content-Type": "application/json",
-        "User-Agent": f"qforge-webhooks/{version('qforge')}",
+        "User-Agent": USER_AGENT,
         EVENT_ID_HEADER: attempt.event_id,
         "X-Qforge-Event-Type": attempt.event_type,
         "X-Qforge-Delivery-Attempt": str(attempt.number),
@@ -183,25 +184,29 @@ def send(attempt: Attempt, settings: Settings) -> Outcome:
     return Outcome(status=answer.status, error=error, retry=retry, retry_after_s=answer.retry_after_s)
 
 
-def _attempt(attempt: Attempt, settings: Settings) -> None:
+def _attempt(delivery: WebhookDelivery, job: Job, settings: Settings) -> bool:
+    """Claim, send and record one attempt; False when there was none to make."""
+    # claimed only now, as it starts: a lease taken for the whole batch up front could run
+    # out while the attempt waited behind slow receivers
+    attempt = claim(delivery, job, settings, utcnow())
+    if attempt is None:
+        return False
     outcome = send(attempt, settings)
     state = record(attempt, outcome, settings)
     log.log(logging.INFO if outcome.delivered else logging.WARNING, "job %s: webhook %s (%s) attempt %d: %s, %s",
             attempt.job_id, attempt.event_id, attempt.event_type, attempt.number,
             outcome.status if outcome.delivered else outcome.error, state.value)
+    return True
 
 
 def dispatch_due(settings: Settings | None = None) -> int:
     """Send every due event once (at most BATCH); returns how many attempts were made."""
     settings = settings or get_settings()
-    now = utcnow()
-    attempts = [a for d, j in due(now) if (a := claim(d, j, settings, now)) is not None]
-    if len(attempts) == 1:
-        _attempt(attempts[0], settings)
-    elif attempts:
-        with ThreadPoolExecutor(max_workers=min(SENDERS, len(attempts)), thread_name_prefix="webhook") as pool:
-            list(pool.map(lambda a: _attempt(a, settings), attempts))
-    return len(attempts)
+    pending = due(utcnow())
+    if len(pending) <= 1:
+        return sum(_attempt(delivery, job, settings) for delivery, job in pending)
+    with ThreadPoolExecutor(max_workers=min(SENDERS, len(pending)), thread_name_prefix="webhook") as pool:
+        return sum(pool.map(lambda pair: _attempt(*pair, settings), pending))
 
 
 def run_dispatcher(stop: threading.Event, interval_s: float) -> None:

@@ -39,6 +39,8 @@ CASES = [  # address, embedded (SQLite), production (PostgreSQL), production lis
     ("224.0.0.1", False, False, False),  # multicast
     ("fd00::1", False, False, False),
     ("fe80::1", False, False, False),
+    ("64:ff9b::a01:203", False, False, True),  # NAT64 of 10.1.2.3
+    ("64:ff9b::5db8:d822", True, True, True),  # NAT64 of 93.184.216.34
 ]
 
 

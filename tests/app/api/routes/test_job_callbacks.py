@@ -123,8 +123,9 @@ def test_a_listed_private_network_is_allowed(submit, monkeypatch):
     assert submit({**JOB, "callback_url": "http://192.168.0.1/hook"}).status_code == 422
 
 
-def test_a_host_that_does_not_resolve_is_refused(submit):
-    response = submit({**JOB, "callback_url": "https://no-such-host.invalid/hook"})
+@pytest.mark.parametrize("host", ["no-such-host.invalid", "a" * 64 + ".example.com"])
+def test_a_host_that_does_not_resolve_is_refused(submit, host):
+    response = submit({**JOB, "callback_url": f"https://{host}/hook"})
     assert response.status_code == 422
     assert response.json()["errors"][0]["type"] == "callback_url_unresolved"
 
