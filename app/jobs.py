@@ -7,7 +7,7 @@ import logging
 
 from sqlalchemy.orm import Session
 
-from app import crud, queue
+from app import crud, queue, webhooks
 from app.core.config import Settings
 from app.errors import Problem, validation_problem
 from app.models import Dataset, DatasetKind, Job, JobStatus, UploadedModel
@@ -66,9 +66,12 @@ def submit(
         check_classic(session, request, settings)
     else:
         check_model(request, settings)
-    job, created = crud.create_job(session, request, idempotency_key)
+    callback_url = getattr(request, "callback_url", None)
+    if callback_url is not None:
+        webhooks.check_callback(callback_url, settings)
+    job, created = crud.create_job(session, request, idempotency_key, callback_url)
     if not created:
-        if job.request != request.model_dump(mode="json"):
+        if (job.request, job.callback_url) != (webhooks.request_data(request), callback_url):
             raise Problem(
                 422,
                 "idempotency-key-reused",
