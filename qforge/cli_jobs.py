@@ -118,7 +118,10 @@ def _follow(qf, job_id: str, args: argparse.Namespace):
 def cmd_submit(args: argparse.Namespace) -> int:
     recipe = recipe_arg(args.recipe)
     with _client(args) as qf:
-        job = qf.submit(args.model, recipe, idempotency_key=args.idempotency_key, **job_fields(args))
+        fields = job_fields(args)
+        if args.callback_url:
+            fields["callback_url"] = args.callback_url
+        job = qf.submit(args.model, recipe, idempotency_key=args.idempotency_key, **fields)
         if not args.json:
             print(job.id, flush=True)  # now: a pipeline has the id even if the wait fails
         if args.wait:
@@ -237,6 +240,7 @@ def add_commands(commands) -> None:
     submit.add_argument("--idempotency-key",
                         help="the same key returns the same job: set it in CI so a retried step does not quantize twice")
     submit.add_argument("--json", action="store_true", help="print the job as JSON instead of its id")
+    submit.add_argument("--callback-url", help="POST a signed event here when the job ends (see docs/service.md, webhooks)")
     submit.set_defaults(func=cmd_submit)
 
     wait = commands.add_parser("wait", parents=[conn], help="follow a job until it ends")

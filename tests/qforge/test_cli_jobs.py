@@ -115,6 +115,8 @@ def test_exit_codes_for_bad_input_a_failed_job_a_timeout_and_no_server(cli, tmp_
     bad = cli("submit", "bundled:smollm2-135m", "--recipe", "no-such-preset")
     assert bad.returncode == 2 and "unknown preset 'no-such-preset'" in bad.stderr
     assert cli("submit", "bundled:smollm2-135m", "--recipe", str(tmp_path / "missing.yaml")).returncode == 2
+    ftp = cli("submit", "bundled:smollm2-135m", "--recipe", "w8a16-rtn", "--callback-url", "ftp://127.0.0.1/hook")
+    assert ftp.returncode == 2 and "callback_url" in ftp.stderr  # the API's validation, naming the field
 
     recipe = tmp_path / "g7.yaml"  # a group size that divides no layer: found only when the job runs
     weights = "{type: int, bits: 4, granularity: group, group_size: 7}"
