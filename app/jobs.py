@@ -93,9 +93,13 @@ def submit(
 
 def cancel(session: Session, job: Job) -> tuple[Job, bool]:
     """Returns the job and whether it was running (its worker stops at its next progress
-    report; by the time of the answer it may already have)."""
+    report; by the time of the answer it may already have). Cancelling a cancelled job
+    answers the job again: a client retrying a cancel whose answer it lost gets what it
+    asked for, not an error; a job that succeeded or failed cannot be cancelled (409)."""
     outcome = crud.request_cancel(session, job.id)
     session.refresh(job)
+    if outcome is None and job.status == JobStatus.CANCELLED:
+        return job, False
     if outcome is None:
         detail = f"job {job.id} is already {job.status.value}; nothing to cancel"
         raise Problem(409, "job-finished", "Job already finished", detail)

@@ -137,7 +137,7 @@ class Client:
 
     def cancel(self, job_id: str) -> JobOut:
         """A queued job is cancelled at once; a running one stops at its next progress report
-        (`cancel_requested` is set meanwhile). A finished job is a 409 `job-finished`."""
+        (`cancel_requested` is set meanwhile). A job that succeeded or failed is a 409 `job-finished`; a cancelled one answers again."""
         return JobOut.model_validate_json(self._send("POST", shared.job_path(job_id, "cancel")).content)
 
     def presets(self) -> list[Preset]:

@@ -133,9 +133,7 @@ def test_the_same_idempotency_key_is_the_same_job_and_a_wait_can_time_out_and_a_
     with pytest.raises(JobCancelled) as cancelled:
         qf.wait(first.id, timeout=300, progress=False)
     assert cancelled.value.job.status == "cancelled"
-    with pytest.raises(QforgeError) as finished_already:
-        qf.cancel(first.id)
-    assert (finished_already.value.status, finished_already.value.slug) == (409, "job-finished")
+    assert qf.cancel(first.id).status == "cancelled"  # cancelling again (a lost answer retried) is no error
     with pytest.raises(QforgeError) as no_report:
         qf.report(first.id)
     assert (no_report.value.status, no_report.value.slug) == (409, "job-not-succeeded")

@@ -97,9 +97,17 @@ def test_cancel_a_queued_job_at_once(submit, client):
     response = client.post(f"/v1/jobs/{job_id}/cancel")
     assert response.status_code == 200
     assert response.json()["status"] == "cancelled" and response.json()["finished_at"]
-    again = client.post(f"/v1/jobs/{job_id}/cancel")
-    assert again.status_code == 409
-    assert again.json()["type"] == PROBLEM + "job-finished"
+    again = client.post(f"/v1/jobs/{job_id}/cancel")  # a retried cancel: the same answer, no error
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
+    assert again.json()["finished_at"] == response.json()["finished_at"]
+
+
+def test_a_finished_job_cannot_be_cancelled(submit, client, set_job):
+    job_id = submit().json()["id"]
+    set_job(job_id, status="succeeded")
+    response = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert response.status_code == 409
+    assert response.json()["type"] == PROBLEM + "job-finished"
 
 
 def test_cancel_a_running_job_asks_its_worker(submit, client, set_job):
