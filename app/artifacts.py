@@ -122,7 +122,8 @@ def artifact_response(store: ArtifactStore, artifact: StoredArtifact, range_head
         path = store.path(artifact.file)
         if not path.is_file():
             raise gone
-        # FileResponse streams the file and answers Range requests (206, 416) itself.
+        byte_range(range_header, path.stat().st_size)  # an unsatisfiable range: our 416 problem, not Starlette's text
+        # FileResponse streams the file and answers a satisfiable Range request (206) itself.
         return FileResponse(path, media_type="application/x-tar", filename=artifact.download_name, headers=headers)
     try:
         size = store.size(artifact.file)

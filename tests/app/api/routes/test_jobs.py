@@ -176,6 +176,8 @@ def test_finished_job_serves_report_and_artifact_with_checksum_and_ranges(submit
     assert part.headers["content-range"] == f"bytes 100-1123/{len(payload)}"
     beyond = client.get(f"/v1/jobs/{job_id}/artifact", headers={"Range": f"bytes={len(payload) + 10}-"})
     assert beyond.status_code == 416
+    assert beyond.json()["type"] == PROBLEM + "range-not-satisfiable"  # problem+json as every error
+    assert beyond.headers["content-range"] == f"bytes */{len(payload)}"
 
     (settings.artifact_dir / f"{job_id}.tar").unlink()
     assert client.get(f"/v1/jobs/{job_id}/artifact").json()["type"] == PROBLEM + "artifact-gone"
