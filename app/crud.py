@@ -98,11 +98,13 @@ def request_cancel(session: Session, job_id: str) -> str | None:
 
 
 def fail_job(session: Session, job: Job, reason: str) -> None:
-    """Fail a job that never reached a worker (e.g. the broker refused its message)."""
+    """Fail a job that never reached a worker (e.g. the broker refused its message). Its
+    idempotency key is released: the client's retry with that key, once the broker is back,
+    must queue the job, not replay this failure."""
     session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status.not_in(TERMINAL))
-        .values(status=JobStatus.FAILED, error=reason, finished_at=utcnow())
+        .values(status=JobStatus.FAILED, error=reason, finished_at=utcnow(), idempotency_key=None)
     )
     session.commit()
     session.refresh(job)

@@ -70,7 +70,6 @@ class AsyncClient:
         path: str,
         *,
         idempotent: bool = True,
-        final_problems: frozenset[str] = frozenset(),
         per_attempt: Callable[[], contextlib.AbstractContextManager[dict]] | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
@@ -89,7 +88,7 @@ class AsyncClient:
                 if response.is_success:
                     return response
                 error = error_from_response(response)
-                delay = None if error.slug in final_problems else self.retry.after_response(response, retry, idempotent)
+                delay = self.retry.after_response(response, retry, idempotent)
                 if delay is None:
                     raise error
                 log.info("%s %s: %s; retry %d in %.2f s", method, path, response.status_code, retry, delay)
@@ -112,8 +111,7 @@ class AsyncClient:
     ) -> JobOut:
         body = shared.job_body(model, recipe, calibration, evaluation, export, seed, fields)
         key = idempotency_key or shared.new_idempotency_key()
-        response = await self._send("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key},
-                                    final_problems=frozenset({"broker-unavailable"}))
+        response = await self._send("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key})
         return JobOut.model_validate_json(response.content)
 
     async def get(self, job_id: str) -> JobOut:

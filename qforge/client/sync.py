@@ -74,7 +74,6 @@ class Client:
         path: str,
         *,
         idempotent: bool = True,
-        final_problems: frozenset[str] = frozenset(),
         per_attempt: Callable[[], contextlib.AbstractContextManager[dict]] | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
@@ -95,7 +94,7 @@ class Client:
                 if response.is_success:
                     return response
                 error = error_from_response(response)
-                delay = None if error.slug in final_problems else self.retry.after_response(response, retry, idempotent)
+                delay = self.retry.after_response(response, retry, idempotent)
                 if delay is None:
                     raise error
                 log.info("%s %s: %s; retry %d in %.2f s", method, path, response.status_code, retry, delay)
@@ -122,10 +121,9 @@ class Client:
         given), so a retried submit never makes a second job."""
         body = shared.job_body(model, recipe, calibration, evaluation, export, seed, fields)
         key = idempotency_key or shared.new_idempotency_key()
-        # broker-unavailable: the server stored the job as failed under this key, so sending
-        # it again would only replay that failure
-        response = self._send("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key},
-                              final_problems=frozenset({"broker-unavailable"}))
+        # a 503 broker-unavailable is retried too: the server released the key of the job it
+        # could not queue, so the retry queues the job once the broker is back
+        response = self._send("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key})
         return JobOut.model_validate_json(response.content)
 
     def get(self, job_id: str) -> JobOut:

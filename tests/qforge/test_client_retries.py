@@ -164,14 +164,16 @@ def test_a_submit_keeps_one_idempotency_key_over_its_retries(stub):
         "model": "bundled:smollm2-135m", "recipe": "w4a16-rtn-g64", "evaluation": {"perplexity_tokens": 512}}
 
 
-def test_a_submit_the_broker_refused_is_not_replayed(stub):
-    # the server stored the job as failed under the key: sending it again replays the failure
+def test_a_submit_the_broker_refused_is_retried_with_its_key(stub):
+    # the server fails the job it could not queue and releases its key: the retry, with the
+    # same key, queues the job once the broker is back
     problem = {"type": PROBLEM + "broker-unavailable", "title": "Job queue unavailable", "status": 503, "job_id": "j"}
     stub.script[("POST", "/v1/jobs")] = [Reply(503, problem), Reply(202, job_json())]
-    with Client(stub.url, retry=FAST) as qf, pytest.raises(QforgeError) as caught:
-        qf.submit("bundled:smollm2-135m", "w4a16-rtn-g64")
-    assert caught.value.slug == "broker-unavailable" and caught.value.problem["job_id"] == "j"
-    assert len(stub.requests("POST", "/v1/jobs")) == 1
+    with Client(stub.url, retry=FAST) as qf:
+        job = qf.submit("bundled:smollm2-135m", "w4a16-rtn-g64")
+    assert job.id == job_json()["id"]
+    first, retried = (r["headers"]["Idempotency-Key"] for r in stub.requests("POST", "/v1/jobs"))
+    assert first == retried
 
 
 def test_an_upload_is_repeated_only_when_the_server_surely_did_not_store_it(stub, tmp_path):

@@ -56,13 +56,20 @@ def test_a_broker_failure_fails_the_job_with_the_reason(submit, monkeypatch, cli
         raise ConnectionError("broker down")
 
     monkeypatch.setattr(queue, "enqueue", refuse)
-    response = submit()
+    response = submit(headers={"Idempotency-Key": "k-broker"})
     assert response.status_code == 503
     problem = response.json()
     assert problem["type"] == PROBLEM + "broker-unavailable"
     job = client.get(f"/v1/jobs/{problem['job_id']}").json()
     assert job["status"] == "failed"
     assert "ConnectionError: broker down" in job["error"]
+    # the broker is back: the client's retry with the same key queues the job anew
+    monkeypatch.undo()
+    monkeypatch.setattr(queue, "enqueue", lambda job_id: None)
+    retried = submit(headers={"Idempotency-Key": "k-broker"})
+    assert retried.status_code == 202 and retried.json()["id"] != problem["job_id"]
+    assert retried.json()["status"] == "queued"
+    assert submit(headers={"Idempotency-Key": "k-broker"}).json()["id"] == retried.json()["id"]  # and keeps it
 
 
 def test_list_is_newest_first_with_filter_and_pagination(submit, client, set_job):
