@@ -122,7 +122,8 @@ def artifact_response(store: ArtifactStore, artifact: StoredArtifact, range_head
         path = store.path(artifact.file)
         if not path.is_file():
             raise gone
-        # FileResponse streams the file and answers Range requests (206, 416) itself.
+        byte_range(range_header, path.stat().st_size)  # an unsatisfiable range: our 416 problem, not Starlette's text
+        # FileResponse streams the file and answers a satisfiable Range request (206) itself.
         return FileResponse(path, media_type="application/x-tar", filename=artifact.download_name, headers=headers)
     try:
         size = store.size(artifact.file)
@@ -148,13 +149,18 @@ def artifact_response(store: ArtifactStore, artifact: StoredArtifact, range_head
 # --------------------------------------------------------------------------------------
 def signing_key(settings: Settings) -> bytes:
     """The key of the API's links: the configured one, else one made once for this data
-    folder (so links survive a restart), readable by its owner only."""
+    folder (so links survive a restart)."""
     if settings.signing_key is not None:
         return settings.signing_key.get_secret_value().encode()
-    path = settings.data_dir / "signing.key"
+    return key_file(settings, "signing.key")
+
+
+def key_file(settings: Settings, name: str) -> bytes:
+    """A random key kept in `<data_dir>/<name>`, made on first use, readable by its owner only."""
+    path = settings.data_dir / name
     if not path.is_file():
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        draft = path.with_name(f"signing.key.{os.getpid()}.{secrets.token_hex(4)}")
+        draft = path.with_name(f"{name}.{os.getpid()}.{secrets.token_hex(4)}")
         draft.write_bytes(secrets.token_bytes(32).hex().encode())
         draft.chmod(0o600)
         try:

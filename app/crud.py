@@ -9,7 +9,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.models import TERMINAL, Dataset, Job, JobStatus, UploadedModel, utcnow
+from app.models import TERMINAL, Dataset, Job, JobStatus, UploadedModel, WebhookDelivery, WebhookState, utcnow
 from quantcore.classic_job import ClassicJobRequest
 from quantcore.job import JobRequest
 
@@ -24,17 +24,22 @@ def find_by_idempotency_key(session: Session, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.idempotency_key == key))
 
 
-def create_job(session: Session, request: JobRequest | ClassicJobRequest, idempotency_key: str | None) -> tuple[Job, bool]:
+def create_job(
+    session: Session, request: JobRequest | ClassicJobRequest, idempotency_key: str | None, callback_url: str | None = None
+) -> tuple[Job, bool]:
     """Insert a queued job and commit; returns (job, created). With a key already used, the
-    existing job is returned instead (also when two submissions race to insert it)."""
+    existing job is returned instead (also when two submissions race to insert it). A job
+    with a callback URL gets its webhook row in the same commit: whichever process later
+    finishes the job, the worker's dispatcher finds the event due."""
     if idempotency_key and (existing := find_by_idempotency_key(session, idempotency_key)):
         return existing, False
     job = Job(
         status=JobStatus.QUEUED,
         model=request.model,
         recipe=request.spec() if isinstance(request, ClassicJobRequest) else request.recipe.model_dump(mode="json"),
-        request=request.model_dump(mode="json"),
+        request=request.model_dump(mode="json", exclude={"callback_url"}),  # the callback is the service's, not quantcore's
         idempotency_key=idempotency_key,
+        callback_url=callback_url,
         progress_current=0,
         progress_total=0,
         progress_percent=0.0,
@@ -42,6 +47,8 @@ def create_job(session: Session, request: JobRequest | ClassicJobRequest, idempo
         cancel_requested=False,
         attempts=0,
     )
+    if callback_url is not None:
+        job.webhook = WebhookDelivery(state=WebhookState.PENDING, attempts=0)
     session.add(job)
     try:
         session.commit()
@@ -96,11 +103,13 @@ def request_cancel(session: Session, job_id: str) -> str | None:
 
 
 def fail_job(session: Session, job: Job, reason: str) -> None:
-    """Fail a job that never reached a worker (e.g. the broker refused its message)."""
+    """Fail a job that never reached a worker (e.g. the broker refused its message). Its
+    idempotency key is released: the client's retry with that key, once the broker is back,
+    must queue the job, not replay this failure."""
     session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status.not_in(TERMINAL))
-        .values(status=JobStatus.FAILED, error=reason, finished_at=utcnow())
+        .values(status=JobStatus.FAILED, error=reason, finished_at=utcnow(), idempotency_key=None)
     )
     session.commit()
     session.refresh(job)

@@ -7,7 +7,7 @@ import logging
 
 from sqlalchemy.orm import Session
 
-from app import crud, queue
+from app import crud, queue, webhooks
 from app.core.config import Settings
 from app.errors import Problem, validation_problem
 from app.models import Dataset, DatasetKind, Job, JobStatus, UploadedModel
@@ -66,9 +66,12 @@ def submit(
         check_classic(session, request, settings)
     else:
         check_model(request, settings)
-    job, created = crud.create_job(session, request, idempotency_key)
+    callback_url = getattr(request, "callback_url", None)
+    if callback_url is not None:
+        webhooks.check_callback(callback_url, settings)
+    job, created = crud.create_job(session, request, idempotency_key, callback_url)
     if not created:
-        if job.request != request.model_dump(mode="json"):
+        if (job.request, job.callback_url) != (webhooks.request_data(request), callback_url):
             raise Problem(
                 422,
                 "idempotency-key-reused",
@@ -90,9 +93,13 @@ def submit(
 
 def cancel(session: Session, job: Job) -> tuple[Job, bool]:
     """Returns the job and whether it was running (its worker stops at its next progress
-    report; by the time of the answer it may already have)."""
+    report; by the time of the answer it may already have). Cancelling a cancelled job
+    answers the job again: a client retrying a cancel whose answer it lost gets what it
+    asked for, not an error; a job that succeeded or failed cannot be cancelled (409)."""
     outcome = crud.request_cancel(session, job.id)
     session.refresh(job)
+    if outcome is None and job.status == JobStatus.CANCELLED:
+        return job, False
     if outcome is None:
         detail = f"job {job.id} is already {job.status.value}; nothing to cancel"
         raise Problem(409, "job-finished", "Job already finished", detail)

@@ -1,5 +1,6 @@
 """Database tables. One row per job: its request, state, progress, outcome and artifact; one
-per uploaded dataset and per uploaded model, written once its file is complete and checked."""
+per uploaded dataset and per uploaded model, written once its file is complete and checked;
+one per webhook event of a job that named a callback URL, with its delivery's state."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import enum
 import uuid
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Enum, Float, Integer, MetaData, String, Text, TypeDecorator
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy import (
+    JSON, BigInteger, Boolean, DateTime, Enum, Float, ForeignKey, Integer, MetaData, String, Text, TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 def utcnow() -> dt.datetime:
@@ -62,6 +65,12 @@ class ModelFormat(enum.StrEnum):
     SAFETENSORS = "safetensors"
 
 
+class WebhookState(enum.StrEnum):
+    PENDING = "pending"  # the job is still running, or its event is not delivered yet
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    FAILED = "failed"  # given up: a 4xx answer, an address not allowed, or out of attempts
+
+
 def _enum(cls: type[enum.StrEnum], name: str) -> Enum:
     """A string column holding one of an enum's values, with a CHECK constraint (as in the migrations)."""
     return Enum(
@@ -82,6 +91,7 @@ class Base(DeclarativeBase):
             "uq": "uq_%(table_name)s_%(column_0_name)s",
             "ck": "ck_%(table_name)s_%(constraint_name)s",
             "pk": "pk_%(table_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
         }
     )
 
@@ -119,6 +129,35 @@ class Job(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+    callback_url: Mapped[str | None] = mapped_column(String(2048))  # POSTed a signed event when the job finishes
+    # selectin: shown with every job the API returns, one query for a whole page
+    webhook: Mapped[WebhookDelivery | None] = relationship(
+        lazy="selectin", uselist=False, cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class WebhookDelivery(Base):
+    """The event a job with a callback URL sends when it finishes, and its delivery. The row
+    is written with the job (so no finished job's event can be missed); the worker that
+    first sends it fixes the event's type and body, and every retry sends those same bytes."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex)  # the event id
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    state: Mapped[WebhookState] = mapped_column(_enum(WebhookState, "webhook_state"), default=WebhookState.PENDING, index=True)
+    event_type: Mapped[str | None] = mapped_column(String(32))  # job.succeeded, job.failed, job.cancelled
+    body: Mapped[str | None] = mapped_column(Text)  # the JSON sent, exactly
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # when the next attempt is due; while an attempt runs, the end of its lease (a worker that
+    # dies mid-attempt leaves the event due again once the lease ends)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_status: Mapped[int | None] = mapped_column(Integer)  # the receiver's HTTP status
+    last_error: Mapped[str | None] = mapped_column(Text)  # why the last attempt did not deliver
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Dataset(Base):

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from app.core.config import Settings, get_settings
-from app.models import Dataset, DatasetFormat, DatasetKind, Job, JobStatus, ModelFormat, UploadedModel
+from app.models import Dataset, DatasetFormat, DatasetKind, Job, JobStatus, ModelFormat, UploadedModel, WebhookState
 
 
 class JobProgress(BaseModel):
@@ -25,6 +25,17 @@ class ArtifactInfo(BaseModel):
     sha256: str
     bytes: int
     format: str | None = Field(None, description="qforge, compressed-tensors, ...")
+
+
+class WebhookInfo(BaseModel):
+    event_id: str = Field(validation_alias="id", description="the event's id, as in its X-Qforge-Event-Id header")
+    state: WebhookState = Field(description="pending until the job finished and a receiver took the event; then delivered or failed")
+    attempts: int
+    last_status: int | None = Field(None, description="the receiver's HTTP status at the last attempt")
+    last_error: str | None = Field(None, description="why the last attempt did not deliver")
+    last_attempt_at: dt.datetime | None
+    next_attempt_at: dt.datetime | None
+    delivered_at: dt.datetime | None
 
 
 class JobOut(BaseModel):
@@ -49,6 +60,8 @@ class JobOut(BaseModel):
     )
     artifacts_deleted_at: dt.datetime | None = Field(None, description="when the artifacts were deleted from the store")
     artifacts_deleted_reason: str | None = Field(None, description="request (DELETE) or retention")
+    callback_url: str | None = None
+    webhook: WebhookInfo | None = Field(None, description="the delivery of the job's event to its callback_url")
 
     @classmethod
     def from_row(cls, job: Job, settings: Settings | None = None) -> JobOut:
@@ -90,6 +103,8 @@ class JobOut(BaseModel):
             artifacts_expire_at=expires_at(job, settings or get_settings()),
             artifacts_deleted_at=job.artifacts_deleted_at,
             artifacts_deleted_reason=job.artifacts_deleted_reason,
+            callback_url=job.callback_url,
+            webhook=WebhookInfo.model_validate(job.webhook, from_attributes=True) if job.webhook else None,
         )
 
 

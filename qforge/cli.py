@@ -4,9 +4,13 @@
     qforge worker     only a worker (production: one per GPU machine)
     qforge migrate    bring the database schema to the newest migration
     qforge generate   load an LLM artifact (folder or downloaded .tar) and generate text
+    qforge quantize   run one job on this machine, no server (qforge.cli_quantize)
+    qforge submit, wait, status, report, download, cancel, presets
+                      talk to a server through the SDK (qforge.cli_jobs)
 
 Options given here override the matching QFORGE_* environment variables; they are passed
-on through the environment, so the worker process started by `serve` sees them too.
+on through the environment, so the worker process started by `serve` sees them too. The
+exit codes are qforge.exits'.
 """
 
 from __future__ import annotations
@@ -84,7 +88,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qforge", description="qforge: quantization as a service")
+    from qforge import cli_jobs, cli_quantize, exits
+
+    parser = argparse.ArgumentParser(
+        prog="qforge", description="qforge: quantization as a service", epilog=exits.HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def data_dir_option(sub: argparse.ArgumentParser) -> None:
@@ -113,14 +122,27 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--compare", action="store_true", help="also run the float source model: tokens/s beside it")
     generate.add_argument("--json", action="store_true", help="print the result as JSON")
     generate.set_defaults(func=cmd_generate)
+
+    cli_quantize.add_command(commands)
+    cli_jobs.add_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from qforge.exits import exit_code
+
+    args = build_parser().parse_args(argv)  # a usage error exits 2 here
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin, every start
-    return args.func(args)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request; the SDK logs its retries itself
+    try:
+        return int(args.func(args))
+    except Exception as exc:
+        code = exit_code(exc)
+        if code is None:
+            raise  # not an outcome the CLI expects: the traceback says where (exit 1)
+        print(f"qforge {args.command}: {exc}", file=sys.stderr)
+        return int(code)
 
 
 if __name__ == "__main__":

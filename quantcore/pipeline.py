@@ -263,15 +263,10 @@ class _ObservedAll(Exception):
 def _cpu_has_native_bf16() -> bool | None:
     """Does this CPU multiply bfloat16 natively (AVX-512 BF16 or AMX)? None where /proc/cpuinfo
     does not say (not Linux, not x86)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return None
+    from quantcore.kernels.cpu import cpu_flags
+
+    flags = cpu_flags()
+    return bool(flags & {"avx512_bf16", "amx_bf16"}) if flags else None
 
 
 @functools.lru_cache(maxsize=None)

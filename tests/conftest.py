@@ -48,6 +48,14 @@ SERVICE_ENV = (
     "QFORGE_ARTIFACT_LINK_MAX_SECONDS",
     "QFORGE_ARTIFACT_RETENTION_DAYS",
     "QFORGE_SIGNING_KEY",
+    "QFORGE_PUBLIC_URL",
+    "QFORGE_WEBHOOK_SECRET",
+    "QFORGE_WEBHOOK_ALLOW_LOOPBACK",
+    "QFORGE_WEBHOOK_ALLOWED_NETWORKS",
+    "QFORGE_WEBHOOK_TIMEOUT_S",
+    "QFORGE_WEBHOOK_MAX_ATTEMPTS",
+    "QFORGE_WEBHOOK_BACKOFF_S",
+    "QFORGE_WEBHOOK_POLL_INTERVAL_S",
 )
 
 
@@ -114,3 +122,71 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class WebhookReceiver:
+    """An HTTP server on 127.0.0.1 taking webhook POSTs, in a thread. The n-th delivery of
+    each event id (X-Qforge-Event-Id) is answered with `statuses[n]` (the last one repeats);
+    every request is kept in `requests`, with the status it got."""
+
+    def __init__(self, statuses: list[int], delay_s: float = 0.0, headers: dict[str, str] | None = None) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.statuses, self.delay_s, self.extra_headers = statuses, delay_s, headers or {}
+        self.requests: list[dict] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (the http.server name)
+                import time
+
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver._lock:
+                    event_id = self.headers.get("X-Qforge-Event-Id")
+                    seen = sum(1 for r in receiver.requests if r["headers"].get("x-qforge-event-id") == event_id)
+                    status = receiver.statuses[min(seen, len(receiver.statuses) - 1)]
+                    receiver.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                                              "body": body, "status": status, "at": time.time()})
+                time.sleep(receiver.delay_s)
+                try:
+                    self.send_response(status)
+                    for name, value in receiver.extra_headers.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"ok" if status < 300 else b"no")
+                except (BrokenPipeError, ConnectionResetError):  # the sender timed out first
+                    pass
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/qforge?tenant=t1"
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name="webhook-receiver", daemon=True)
+        self._thread.start()
+
+    def received(self, event_id: str | None = None) -> list[dict]:
+        with self._lock:
+            return [r for r in self.requests if event_id is None or r["headers"].get("x-qforge-event-id") == event_id]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook_receiver():
+    """webhook_receiver([500, 200]) -> a running WebhookReceiver; all are stopped at the end."""
+    started: list[WebhookReceiver] = []
+
+    def start(statuses: list[int] = [200], **kwargs) -> WebhookReceiver:  # noqa: B006 (never mutated)
+        started.append(WebhookReceiver(statuses, **kwargs))
+        return started[-1]
+
+    yield start
+    for receiver in started:
+        receiver.close()

@@ -19,6 +19,7 @@ from kombu.utils.url import maybe_sanitize_url
 from app.core.config import Settings, get_settings
 from worker.janitor import ArtifactJanitor
 from worker.reaper import JobReaper
+from worker.webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def create_celery(settings: Settings) -> Celery:
     )
     app.steps["worker"].add(JobReaper)
     app.steps["worker"].add(ArtifactJanitor)
+    app.steps["worker"].add(WebhookDispatcher)
     return app
 
 

@@ -10,11 +10,12 @@ runs with nothing else installed. Production points `QFORGE_DATABASE_URL` at Pos
 from __future__ import annotations
 
 from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -68,6 +69,27 @@ class Settings(BaseSettings):
         None, description="key of the API's signed links; empty: one generated once and kept in <data_dir>/signing.key"
     )
 
+    # Webhooks: one signed POST to a job's callback_url when it finishes (app.webhooks, worker.webhooks).
+    public_url: str | None = Field(
+        None, description="the API's address as webhook receivers reach it, for links in events; default http://<host>:<port>"
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="key of webhook signatures; empty: one generated once and kept in <data_dir>/webhook.secret"
+    )
+    webhook_allow_loopback: bool | None = Field(
+        None, description="callback URLs may reach this machine's loopback addresses; empty: only with the embedded SQLite"
+    )
+    # NoDecode: a comma-separated list in the environment, not JSON
+    webhook_allowed_networks: Annotated[tuple[IPv4Network | IPv6Network, ...], NoDecode] = Field(
+        (), description="non-public networks receivers may be in, comma-separated (e.g. 10.0.0.0/8); public ones always are"
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="longest one delivery attempt may take, connecting too")
+    webhook_max_attempts: int = Field(6, ge=1, le=50, description="attempts of one event before it is given up")
+    webhook_backoff_s: float = Field(
+        20.0, gt=0, description="wait before the first retry, doubled for each next one (20: six attempts span ~10 minutes)"
+    )
+    webhook_poll_interval_s: float = Field(2.0, gt=0, description="how often each worker looks for events to send")
+
     @field_validator("artifact_url")
     @classmethod
     def _known_store(cls, url: str) -> str:
@@ -75,6 +97,16 @@ class Settings(BaseSettings):
         if url and not (url.startswith("s3://") and url.removeprefix("s3://").split("/", 1)[0]):
             raise ValueError(f"artifact_url '{url}': leave it empty for the artifact folder, or give s3://bucket[/prefix]")
         return url
+
+    @field_validator("webhook_allowed_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        try:
+            return tuple(ip_network(v) if isinstance(v, str) else v for v in value)
+        except ValueError as exc:  # e.g. host bits set: 10.0.0.1/8 is most likely a typo
+            raise ValueError(f"webhook_allowed_networks: {exc}") from None
 
     @model_validator(mode="before")
     @classmethod
@@ -87,6 +119,24 @@ class Settings(BaseSettings):
         values["broker_url"] = values.get("broker_url") or f"sqla+sqlite:///{data_dir / 'broker.db'}"
         values["artifact_dir"] = Path(values.get("artifact_dir") or data_dir / "artifacts").expanduser().resolve()
         return values
+
+    @property
+    def webhook_loopback_allowed(self) -> bool:
+        """Loopback receivers are allowed in the embedded default: its API listens on this
+        machine for this machine's user, who reaches loopback anyway. A shared deployment
+        (PostgreSQL) must opt in: there a callback to loopback reaches the worker's own
+        services on behalf of whoever submitted the job."""
+        if self.webhook_allow_loopback is not None:
+            return self.webhook_allow_loopback
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def api_url(self) -> str:
+        """The base of links handed to webhook receivers."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     @property
     def datasets_dir(self) -> Path:

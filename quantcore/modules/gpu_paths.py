@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from quantcore.kernels import triton_available
+from quantcore.modules.cpu_paths import is_w4a16, is_w8a8_int  # the same schemes as the CPU paths take
 from quantcore.schemes import Granularity, QuantType
 
 if TYPE_CHECKING:
@@ -37,17 +38,8 @@ def _is_per_token(act) -> bool:
 
 
 def is_w8a8_int_per_token(layer: QuantizedLinear) -> bool:
-    weight, act = layer.weight_scheme, layer.activation_scheme
-    return (
-        act is not None
-        and weight.type == QuantType.INT
-        and weight.bits == 8
-        and weight.symmetric
-        and weight.granularity in (Granularity.CHANNEL, Granularity.TENSOR)
-        and act.type == QuantType.INT
-        and act.bits == 8
-        and _is_per_token(act)
-    )
+    """int8 W8A8 with per-token activations (the Triton kernel's epilogue scales rows)."""
+    return is_w8a8_int(layer) and layer.activation_scheme.granularity == Granularity.TOKEN
 
 
 def is_fp8_w8a8(layer: QuantizedLinear) -> bool:
@@ -59,15 +51,6 @@ def is_fp8_w8a8(layer: QuantizedLinear) -> bool:
         and act.type == QuantType.FP8_E4M3
         and _is_per_token(act)
     )
-
-
-def is_w4a16(layer: QuantizedLinear) -> bool:
-    weight = layer.weight_scheme
-    if layer.activation_scheme is not None or weight.type != QuantType.INT or weight.bits != 4:
-        return False
-    group = weight.group_size if weight.granularity == Granularity.GROUP else layer.in_features
-    # the kernel unpacks a byte's two codes together and loads whole groups per K tile
-    return weight.granularity in (Granularity.GROUP, Granularity.CHANNEL) and group % 2 == 0 and layer.in_features % 2 == 0
 
 
 class GpuPath:

@@ -38,3 +38,21 @@ def test_artifact_deletion_migration_downgrades_and_upgrades(settings):
     with get_engine().connect() as connection:
         columns = {c["name"] for c in inspect(connection).get_columns("jobs")}
     assert {"artifacts_deleted_at", "artifacts_deleted_reason"} <= columns
+
+
+def test_webhooks_migration_downgrades_and_upgrades(settings):
+    config = _alembic_config(settings.database_url)
+    command.downgrade(config, "0003")
+    with get_engine().connect() as connection:
+        columns = {c["name"] for c in inspect(connection).get_columns("jobs")}
+        tables = set(inspect(connection).get_table_names())
+    assert "callback_url" not in columns and "artifacts_deleted_at" in columns
+    assert "webhook_deliveries" not in tables
+    command.upgrade(config, "head")
+    with get_engine().connect() as connection:
+        columns = {c["name"] for c in inspect(connection).get_columns("jobs")}
+        checks = {c["name"] for c in inspect(connection).get_check_constraints("webhook_deliveries")}
+        foreign = inspect(connection).get_foreign_keys("webhook_deliveries")
+    assert "callback_url" in columns
+    assert checks == {"ck_webhook_deliveries_webhook_state"}
+    assert [(f["constrained_columns"], f["referred_table"]) for f in foreign] == [(["job_id"], "jobs")]

@@ -16,14 +16,14 @@ from app.events import job_events
 from app.models import JobStatus
 from app.schemas import ArtifactLink, ArtifactLinkRequest, JobOut, JobPage
 from app.try_model import TryRequest
-from quantcore.classic_job import JobSpec
+from app.webhooks import SubmissionSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 @router.post("", status_code=202, response_model=JobOut)
 def submit_job(
-    request: JobSpec,
+    request: SubmissionSpec,
     session: SessionDep,
     settings: SettingsDep,
     response: Response,

@@ -56,13 +56,20 @@ def test_a_broker_failure_fails_the_job_with_the_reason(submit, monkeypatch, cli
         raise ConnectionError("broker down")
 
     monkeypatch.setattr(queue, "enqueue", refuse)
-    response = submit()
+    response = submit(headers={"Idempotency-Key": "k-broker"})
     assert response.status_code == 503
     problem = response.json()
     assert problem["type"] == PROBLEM + "broker-unavailable"
     job = client.get(f"/v1/jobs/{problem['job_id']}").json()
     assert job["status"] == "failed"
     assert "ConnectionError: broker down" in job["error"]
+    # the broker is back: the client's retry with the same key queues the job anew
+    monkeypatch.undo()
+    monkeypatch.setattr(queue, "enqueue", lambda job_id: None)
+    retried = submit(headers={"Idempotency-Key": "k-broker"})
+    assert retried.status_code == 202 and retried.json()["id"] != problem["job_id"]
+    assert retried.json()["status"] == "queued"
+    assert submit(headers={"Idempotency-Key": "k-broker"}).json()["id"] == retried.json()["id"]  # and keeps it
 
 
 def test_list_is_newest_first_with_filter_and_pagination(submit, client, set_job):
@@ -97,9 +104,17 @@ def test_cancel_a_queued_job_at_once(submit, client):
     response = client.post(f"/v1/jobs/{job_id}/cancel")
     assert response.status_code == 200
     assert response.json()["status"] == "cancelled" and response.json()["finished_at"]
-    again = client.post(f"/v1/jobs/{job_id}/cancel")
-    assert again.status_code == 409
-    assert again.json()["type"] == PROBLEM + "job-finished"
+    again = client.post(f"/v1/jobs/{job_id}/cancel")  # a retried cancel: the same answer, no error
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
+    assert again.json()["finished_at"] == response.json()["finished_at"]
+
+
+def test_a_finished_job_cannot_be_cancelled(submit, client, set_job):
+    job_id = submit().json()["id"]
+    set_job(job_id, status="succeeded")
+    response = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert response.status_code == 409
+    assert response.json()["type"] == PROBLEM + "job-finished"
 
 
 def test_cancel_a_running_job_asks_its_worker(submit, client, set_job):
@@ -168,6 +183,8 @@ def test_finished_job_serves_report_and_artifact_with_checksum_and_ranges(submit
     assert part.headers["content-range"] == f"bytes 100-1123/{len(payload)}"
     beyond = client.get(f"/v1/jobs/{job_id}/artifact", headers={"Range": f"bytes={len(payload) + 10}-"})
     assert beyond.status_code == 416
+    assert beyond.json()["type"] == PROBLEM + "range-not-satisfiable"  # problem+json as every error
+    assert beyond.headers["content-range"] == f"bytes */{len(payload)}"
 
     (settings.artifact_dir / f"{job_id}.tar").unlink()
     assert client.get(f"/v1/jobs/{job_id}/artifact").json()["type"] == PROBLEM + "artifact-gone"

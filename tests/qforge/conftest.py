@@ -1,0 +1,30 @@
+"""A live `qforge serve` (API and a real Celery worker, on a free port) for the SDK and CLI
+tests: the e2e suite's Service, one per test module."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.conftest import Service
+
+# The fastest LLM job that still measures what a budget checks: round-to-nearest needs no
+# calibration, and 512 tokens is one perplexity window (the float baseline is cached after
+# the first job of the session).
+FAST_JOB = {"model": "bundled:smollm2-135m", "recipe": "w4a16-rtn-g64", "evaluation": {"perplexity_tokens": 512}}
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory) -> str:
+    """The base URL of a `qforge serve` process that lives as long as the test module."""
+    service = Service(tmp_path_factory.mktemp("qforge-live") / "data", {})
+    try:
+        service.wait_ready()
+        yield service.url
+    finally:
+        service.stop()
+    assert service.process.returncode == 0, f"qforge serve exited with {service.process.returncode}:\n{service.log_tail()}"
+
+
+@pytest.fixture(scope="session")
+def fast_job() -> dict:
+    return dict(FAST_JOB)
