@@ -1,8 +1,9 @@
 """The submit form: its fields turned into the request body POST /v1/jobs takes, and the
 validation errors of that body turned back into messages beside the fields.
 
-Validation is quantcore's (the pydantic `JobRequest`, `Recipe` and `ClassicJobRequest`);
-this module only builds their input and finds, for an error's location, the form field
+Validation is the API's: quantcore's pydantic `JobRequest` (with its `Recipe`) and
+`ClassicJobRequest`, each with the service's `callback_url` (`app.webhooks`); this module
+only builds their input and finds, for an error's location, the form field
 and, inside the YAML text, the line it points at.
 """
 
@@ -16,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from app.errors import validation_problem
+from app.webhooks import ClassicJobSubmission, JobSubmission
 from quantcore.algorithms.qat import QATOptions
 from quantcore.classic_job import ClassicJobRequest, FinetuneSpec, PTQSpec
 from quantcore.job import CalibrationSpec, EvaluationSpec, ExportFormat, JobRequest
@@ -30,13 +32,13 @@ CLASSIC_SPECS: dict[str, type[BaseModel]] = {"ptq": PTQSpec, "qat": QATOptions, 
 DEFAULT_PRESET = "w4a16-rtn-g64"
 # Form fields an error location can point at; any other location is inside the YAML text.
 FIELDS = frozenset({
-    "model", "recipe", "export", "seed", "data.train", "data.evaluation", "data.calibration_samples",
+    "model", "recipe", "export", "seed", "callback_url", "data.train", "data.evaluation", "data.calibration_samples",
     *(f"calibration.{k}" for k in CALIBRATION_FIELDS),
     *(f"evaluation.{k}" for k in (*EVALUATION_NUMBERS, *EVALUATION_SWITCHES)),
 })
 
 LABELS = {
-    "model": "Model", "recipe": "Recipe", "export": "Export formats", "seed": "Seed",
+    "model": "Model", "recipe": "Recipe", "export": "Export formats", "seed": "Seed", "callback_url": "Webhook URL",
     "calibration.dataset": "Calibration dataset", "calibration.num_samples": "Calibration windows",
     "calibration.seq_len": "Tokens per window", "evaluation.perplexity_tokens": "Perplexity tokens",
     "evaluation.embedding_paragraphs": "Paragraphs", "data.train": "Training data", "data.evaluation": "Evaluation data",
@@ -107,10 +109,13 @@ def model_ref(values: dict[str, Any]) -> str:
 
 def build_request(values: dict[str, Any]) -> JobRequest | ClassicJobRequest:
     """The validated request, or FormErrors naming each bad field."""
-    if values.get("kind") == "classic":
-        body = _classic_body(values)
-        return _validate(ClassicJobRequest, body, values["recipe"], yaml_prefix=())
-    return _validate(JobRequest, _recipe_body(values), values.get("recipe", ""), yaml_prefix=("recipe",))
+    classic = values.get("kind") == "classic"
+    body = _classic_body(values) if classic else _recipe_body(values)
+    if str(values.get("callback_url", "")).strip():
+        body["callback_url"] = values["callback_url"].strip()
+    if classic:
+        return _validate(ClassicJobSubmission, body, values["recipe"], yaml_prefix=())
+    return _validate(JobSubmission, body, values.get("recipe", ""), yaml_prefix=("recipe",))
 
 
 def _recipe_body(values: dict[str, Any]) -> dict[str, Any]:
@@ -135,7 +140,7 @@ def _classic_body(values: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(spec, dict):
         errors.add("recipe", "the job spec must be a mapping, e.g. `kind: ptq` with a `ptq:` section")
         raise errors
-    for key in ("model", "data"):
+    for key in ("model", "data", "callback_url"):
         if key in spec:
             errors.add("recipe", f"{key}: choose it with the form's own fields, not in the spec")
     if errors.fields:

@@ -39,7 +39,8 @@ async def job_page_events(job_id: str) -> AsyncIterator[dict]:
     """`state` (the panel), `log` (one line) per change, then `end` once the job finished:
     the page closes its connection on `end` instead of reconnecting to a finished stream."""
     async for event in job_events(job_id):
-        job = JobOut.model_validate_json(event["data"])
+        # by name: the JSON was written by field name, and some fields validate by an alias
+        job = JobOut.model_validate_json(event["data"], by_name=True)
         yield {"event": "state", "id": event["id"], "data": job_state_html(job)}
         yield {"event": "log", "data": log_line_html(job)}
         if job.status.terminal:

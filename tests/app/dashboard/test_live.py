@@ -86,3 +86,18 @@ def test_the_list_stream_is_quiet_while_nothing_changes(submit, settings):
         return seen
 
     assert anyio.run(count_events) == 1
+
+
+def test_a_job_with_a_webhook_streams_its_delivery_state(submit, set_job, settings, monkeypatch):
+    from app.core.config import get_settings
+
+    monkeypatch.setenv("QFORGE_WEBHOOK_SECRET", "s3cr3t")
+    get_settings.cache_clear()
+    body = {"model": "bundled:smollm2-135m", "recipe": "w4a16-rtn-g64", "callback_url": "http://127.0.0.1:9/hook"}
+    response = submit(body)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    set_job(job_id, status=JobStatus.CANCELLED)
+    state, _, end = first_events(live.job_page_events(job_id), 3)
+    assert "Webhook" in state["data"] and "pending" in state["data"] and end["event"] == "end"
+    assert "s3cr3t" not in state["data"]

@@ -164,3 +164,18 @@ def test_a_pickled_checkpoint_is_refused_at_the_upload_form(client, html):
                            data={"config": '{"architecture": "digits-cnn"}', "name": "x"})
     assert response.status_code == 415
     assert "pickle" in html(response.text).by_id("upload_model-error").text
+
+
+def test_a_webhook_url_goes_with_the_job_and_a_bad_one_is_named(client, submit, html):
+    url = "http://127.0.0.1:9/hooks/qforge"
+    response = client.post("/jobs/new", data=form(callback_url=url), follow_redirects=False)
+    assert response.status_code == 303, response.text
+    job = client.get(response.headers["location"].replace("/jobs/", "/v1/jobs/")).json()
+    assert job["callback_url"] == url and job["webhook"]["state"] == "pending"
+    assert "Webhook" in html(client.get(response.headers["location"]).text).by_id("state").text
+
+    bad = "ftp://example.com/hook"
+    api = submit({"model": SMOLLM, "recipe": "w4a16-rtn-g64", "callback_url": bad}).json()
+    [error] = [e for e in api["errors"] if e["loc"][-1] == "callback_url"]
+    page = html(client.post("/jobs/new", data=form(callback_url=bad)).text)
+    assert page.by_id("callback_url-error").text == error["msg"]
