@@ -1,5 +1,5 @@
-"""Database tables. One row per job: its request, state, progress, outcome and artifact; one
-per uploaded dataset and per uploaded model, written once its file is complete and checked;
+"""Database tables. One row per job: its request, state, progress, outcome and artifact, and
+its log lines; one per uploaded dataset and per uploaded model, written once its file is complete and checked;
 one per webhook event of a job that named a callback URL, with its delivery's state."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import uuid
 from typing import Any
 
 from sqlalchemy import (
-    JSON, BigInteger, Boolean, DateTime, Enum, Float, ForeignKey, Integer, MetaData, String, Text, TypeDecorator,
+    JSON, BigInteger, Boolean, DateTime, Enum, Float, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -69,6 +69,12 @@ class WebhookState(enum.StrEnum):
     PENDING = "pending"  # the job is still running, or its event is not delivered yet
     DELIVERED = "delivered"  # the receiver answered 2xx
     FAILED = "failed"  # given up: a 4xx answer, an address not allowed, or out of attempts
+
+
+class LogLevel(enum.StrEnum):
+    INFO = "info"
+    WARNING = "warning"  # cancellation, a lost worker's retry
+    ERROR = "error"  # why a job failed
 
 
 def _enum(cls: type[enum.StrEnum], name: str) -> Enum:
@@ -158,6 +164,23 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)  # why the last attempt did not deliver
     delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class JobLog(Base):
+    """One line of a job's log (what is written, and why, is in app/joblog.py). `id` orders
+    the lines of a job; a reader passes the last one it has to get the next."""
+
+    __tablename__ = "job_log"
+    # a job's lines in order: the only way they are read
+    __table_args__ = (Index("ix_job_log_job_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    level: Mapped[LogLevel] = mapped_column(_enum(LogLevel, "log_level"), default=LogLevel.INFO)
+    stage: Mapped[str | None] = mapped_column(String(32))  # the pipeline's stage when written, if running
+    message: Mapped[str] = mapped_column(Text)
+    attempt: Mapped[int | None] = mapped_column(Integer)  # the worker's run; None for the API's lines
 
 
 class Dataset(Base):

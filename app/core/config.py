@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     job_heartbeat_timeout: float = Field(
         60.0, gt=0, description="seconds without a heartbeat after which a running job's worker is presumed lost"
     )
+    job_log_max_lines: int = Field(
+        1000, ge=10, description="log lines kept per job; past it the oldest are removed as new ones are written"
+    )
     allow_local_model_paths: bool = Field(False, description="let clients name a model by a path on the worker")
     max_upload_bytes: int = Field(
         256 * 2**20, ge=1, description="largest dataset or model file accepted (and largest an .npz may unpack to)"

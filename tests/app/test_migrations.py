@@ -56,3 +56,21 @@ def test_webhooks_migration_downgrades_and_upgrades(settings):
     assert "callback_url" in columns
     assert checks == {"ck_webhook_deliveries_webhook_state"}
     assert [(f["constrained_columns"], f["referred_table"]) for f in foreign] == [(["job_id"], "jobs")]
+
+
+def test_job_log_migration_downgrades_and_upgrades(settings):
+    config = _alembic_config(settings.database_url)
+    command.downgrade(config, "0004")
+    with get_engine().connect() as connection:
+        tables = set(inspect(connection).get_table_names())
+    assert "job_log" not in tables and "webhook_deliveries" in tables
+    command.upgrade(config, "head")
+    with get_engine().connect() as connection:
+        checks = {c["name"] for c in inspect(connection).get_check_constraints("job_log")}
+        foreign = inspect(connection).get_foreign_keys("job_log")
+        indexes = {i["name"]: i["column_names"] for i in inspect(connection).get_indexes("job_log")}
+    assert checks == {"ck_job_log_log_level"}
+    assert [(f["constrained_columns"], f["referred_table"], f["options"].get("ondelete")) for f in foreign] == [
+        (["job_id"], "jobs", "CASCADE")
+    ]
+    assert indexes == {"ix_job_log_job_id": ["job_id", "id"]}
