@@ -5,6 +5,9 @@ job row at most twice a second, and always on a stage change, and that write als
 `cancel_requested`, so a cancellation stops the job at its next progress call. A separate
 thread keeps the heartbeat going when progress calls are far apart (loading a large model,
 one slow layer), so a long step is not mistaken for a lost worker.
+
+The job's log gets a line when a stage starts and one per `note`, not the throttled layer
+updates between them (app/joblog.py says why).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class ProgressReporter:
         self.attempt = attempt
         self.heartbeat_interval_s = heartbeat_interval_s
         self._stage: str | None = None
+        self._logged_stage: str | None = None  # the last stage whose start is in the job's log
         self._position: tuple[str, int, int] = ("load", 0, 0)
         self._last_write = 0.0
         self._lost = threading.Event()
@@ -51,23 +55,32 @@ class ProgressReporter:
         self._thread.join()
 
     def __call__(self, stage: str, current: int, total: int, message: str = "") -> None:
-        if self._lost.is_set():
-            raise state.LostClaim(f"job {self.job_id}: attempt {self.attempt} was taken over")
-        now = time.monotonic()
+        self._check_claim()  # also on throttled calls: a taken-over run stops at once
         self._position = (stage, current, total)
-        if stage == self._stage and now - self._last_write < MIN_WRITE_INTERVAL_S:
+        if stage == self._stage and time.monotonic() - self._last_write < MIN_WRITE_INTERVAL_S:
             return
-        self._stage, self._last_write = stage, now
-        percent = overall_percent(stage, current, total)
-        if state.record_progress(self.job_id, self.attempt, stage, current, total, percent, message):
-            raise JobCancelled(f"job {self.job_id} cancelled by request")
+        self._write(stage, current, total, message, None)
 
     def note(self, message: str) -> None:
         """Show a message at the current position (a step after quantcore's last report,
-        such as an upload), written now; a cancellation still stops the job here."""
+        such as an upload), written now whatever the throttle says, and logged; a
+        cancellation still stops the job here."""
         stage, current, total = self._position
-        self._stage = None  # written whatever the throttle says
-        self(stage, current, total, message)
+        self._write(stage, current, total, message, message)
+
+    def _check_claim(self) -> None:
+        if self._lost.is_set():
+            raise state.LostClaim(f"job {self.job_id}: attempt {self.attempt} was taken over")
+
+    def _write(self, stage: str, current: int, total: int, message: str, log_line: str | None) -> None:
+        self._check_claim()
+        self._stage, self._last_write = stage, time.monotonic()
+        if log_line is None and stage != self._logged_stage:
+            self._logged_stage = stage
+            log_line = f"{stage} started" + (f": {message}" if message else "")
+        percent = overall_percent(stage, current, total)
+        if state.record_progress(self.job_id, self.attempt, stage, current, total, percent, message, log_line):
+            raise JobCancelled(f"job {self.job_id} cancelled by request")
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_interval_s):

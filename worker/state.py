@@ -4,6 +4,9 @@ A run owns a job through its attempt number: `claim` increments `attempts`, and 
 write of that run is conditioned on it (a fencing token). If a run's worker is presumed lost
 and another run takes the job over, the old run's writes match no row and it stops, so two
 runs never both record an outcome.
+
+The job's log lines (app/joblog.py) are written here, in the transaction of the change they
+describe and only when that change matched the row: a run that lost its job logs nothing.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from typing import Any
 
 from sqlalchemy import or_, select, update
 
+from app import joblog
 from app.core.config import Settings
 from app.core.db import session_scope
-from app.models import TERMINAL, Job, JobStatus, utcnow
+from app.models import TERMINAL, Job, JobStatus, LogLevel, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,8 @@ def claim(job_id: str, settings: Settings) -> Claim:
             # Changed between our read and our write: cancelled, or claimed by another worker.
             status = session.scalar(select(Job.status).where(Job.id == job_id))
             return Claim(Action.SKIP if status in TERMINAL else Action.WAIT)
+        started = "started" if attempts == 0 else f"restarted: attempt {attempts + 1} of {settings.max_job_attempts}"
+        joblog.append(session, job_id, started, attempt=attempts + 1)
         return Claim(Action.RUN, attempts + 1, job.request)
 
 
@@ -110,19 +116,25 @@ def _finish_abandoned(session, job: Job, settings: Settings, now: dt.datetime) -
     """End a running job whose worker was lost and which must not run again."""
     if job.cancel_requested:
         values = {"status": JobStatus.CANCELLED, "progress_message": "cancelled (its worker was lost)"}
+        line = (LogLevel.WARNING, "cancelled (its worker was lost)")
     else:
         values = {"status": JobStatus.FAILED, "error": worker_lost_reason(job)}
-    session.execute(
+        line = (LogLevel.ERROR, f"failed: {worker_lost_reason(job)}")
+    written = session.execute(
         update(Job)
         .where(*_owned(job.id, job.attempts), _lapsed(settings, now))
         .values(finished_at=now, **values)
-    )
+    ).rowcount
+    if written == 1:
+        joblog.append(session, job.id, line[1], line[0], stage=job.progress_stage, attempt=job.attempts)
 
 
 def record_progress(
-    job_id: str, attempt: int, stage: str, current: int, total: int, percent: float, message: str
+    job_id: str, attempt: int, stage: str, current: int, total: int, percent: float, message: str,
+    log_line: str | None = None,
 ) -> bool:
-    """Write progress and a heartbeat; returns whether cancellation was requested."""
+    """Write progress and a heartbeat (and `log_line` to the job's log); returns whether
+    cancellation was requested."""
     with session_scope() as session:
         written = session.execute(
             update(Job)
@@ -138,6 +150,8 @@ def record_progress(
         ).rowcount
         if written != 1:
             raise LostClaim(f"job {job_id}: attempt {attempt} no longer owns the job")
+        if log_line:
+            joblog.append(session, job_id, log_line, stage=stage, attempt=attempt)
         return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
@@ -147,18 +161,22 @@ def heartbeat(job_id: str, attempt: int) -> bool:
         return session.execute(update(Job).where(*_owned(job_id, attempt)).values(heartbeat_at=utcnow())).rowcount == 1
 
 
-def _finish(job_id: str, attempt: int, status: JobStatus, **values: Any) -> None:
+def _finish(job_id: str, attempt: int, status: JobStatus, line: tuple[LogLevel, str], **values: Any) -> None:
     with session_scope() as session:
         written = session.execute(
             update(Job).where(*_owned(job_id, attempt)).values(status=status, finished_at=utcnow(), **values)
         ).rowcount
+        if written == 1:
+            stage = session.scalar(select(Job.progress_stage).where(Job.id == job_id))
+            joblog.append(session, job_id, line[1], line[0], stage=stage, attempt=attempt)
     if written != 1:
         raise LostClaim(f"job {job_id}: attempt {attempt} no longer owns the job; its outcome is not recorded")
 
 
 def succeed(job_id: str, attempt: int, report: dict, artifact_path: str, sha256: str, size: int) -> None:
+    stored = ", ".join(f"{a['file']} ({a['bytes']} bytes)" for a in report.get("artifacts", []) if "file" in a)
     _finish(
-        job_id, attempt, JobStatus.SUCCEEDED, report=report, artifact_path=artifact_path, artifact_sha256=sha256,
+        job_id, attempt, JobStatus.SUCCEEDED, (LogLevel.INFO, f"succeeded; artifacts: {stored or artifact_path}"), report=report, artifact_path=artifact_path, artifact_sha256=sha256,
         artifact_bytes=size, progress_percent=100.0, progress_message="done",
         # the last progress call may have been throttled away: a finished job shows N of N
         progress_current=Job.progress_total,
@@ -166,11 +184,11 @@ def succeed(job_id: str, attempt: int, report: dict, artifact_path: str, sha256:
 
 
 def fail(job_id: str, attempt: int, reason: str) -> None:
-    _finish(job_id, attempt, JobStatus.FAILED, error=reason)
+    _finish(job_id, attempt, JobStatus.FAILED, (LogLevel.ERROR, f"failed: {reason}"), error=reason)
 
 
 def cancel(job_id: str, attempt: int) -> None:
-    _finish(job_id, attempt, JobStatus.CANCELLED, progress_message="cancelled")
+    _finish(job_id, attempt, JobStatus.CANCELLED, (LogLevel.WARNING, "cancelled on request"), progress_message="cancelled")
 
 
 def lost_jobs(settings: Settings) -> list[Job]:
@@ -185,11 +203,15 @@ def may_retry(job: Job, settings: Settings) -> bool:
 
 def mark_requeued(job: Job, settings: Settings) -> None:
     with session_scope() as session:
-        session.execute(
+        written = session.execute(
             update(Job)
             .where(*_owned(job.id, job.attempts), _lapsed(settings, utcnow()))
             .values(status=JobStatus.QUEUED, progress_message="requeued: its worker was lost")
-        )
+        ).rowcount
+        if written == 1:
+            since = f"since {job.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC" if job.heartbeat_at else "at all"
+            message = f"the worker running attempt {job.attempts} stopped responding (no heartbeat {since}); requeued"
+            joblog.append(session, job.id, message, LogLevel.WARNING, stage=job.progress_stage, attempt=job.attempts)
 
 
 def abandon(job: Job, settings: Settings) -> None:

@@ -19,3 +19,30 @@ def test_lost_jobs_are_requeued_or_failed_and_live_ones_left_alone(new_job, load
     assert load_job(exhausted).status == JobStatus.FAILED
     assert "gave up after 2 attempts" in load_job(exhausted).error
     assert load_job(alive).status == JobStatus.RUNNING
+
+
+def test_the_reaper_logs_a_retry_and_giving_up(new_job, settings, monkeypatch):
+    from app import joblog
+    from app.core.db import session_scope
+
+    monkeypatch.setattr("worker.celery_app.celery_app.send_task", lambda name, args, task_id: None)
+    stale = utcnow() - dt.timedelta(seconds=120)
+    retry = new_job(status=JobStatus.RUNNING, attempts=1, heartbeat_at=stale, progress_stage="quantize")
+    exhausted = new_job(status=JobStatus.RUNNING, attempts=2, heartbeat_at=stale, progress_stage="evaluate")
+
+    reaper.reap_lost_jobs()
+
+    with session_scope() as session:
+        [requeued] = joblog.read(session, retry)
+        [failed] = joblog.read(session, exhausted)
+    assert (requeued.level, requeued.stage, requeued.attempt) == ("warning", "quantize", 1)
+    assert requeued.message.startswith("the worker running attempt 1 stopped responding") and "requeued" in requeued.message
+    assert (failed.level, failed.stage, failed.attempt) == ("error", "evaluate", 2)
+    assert failed.message.startswith("failed: ") and "gave up after 2 attempts" in failed.message
+    # the requeued job's next run says which attempt it is
+    from worker import state
+
+    assert state.claim(retry, settings).attempt == 2
+    with session_scope() as session:
+        restarted = joblog.read(session, retry, after=requeued.id)
+    assert [(r.message, r.attempt) for r in restarted] == [(f"restarted: attempt 2 of {settings.max_job_attempts}", 2)]

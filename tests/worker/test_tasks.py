@@ -188,3 +188,67 @@ def test_an_unreachable_store_fails_the_job_with_the_reason(run, load_job, setti
     job = load_job(run(fake_run_job()))
     assert job.status == JobStatus.FAILED
     assert job.error.startswith("ArtifactStoreError: could not upload s3://qforge-artifacts/")
+
+
+def job_log(job_id: str) -> list[tuple[str, str | None, str, int | None]]:
+    """The job's stored log as (level, stage, message, attempt)."""
+    from app import joblog
+    from app.core.db import session_scope
+
+    with session_scope() as session:
+        return [(r.level.value, r.stage, r.message, r.attempt) for r in joblog.read(session, job_id, limit=None)]
+
+
+def test_a_job_logs_its_start_each_stage_its_notes_and_its_success(run, load_job, settings):
+    job = load_job(run(fake_run_job()))
+    size = (settings.artifact_dir / f"{job.id}.tar").stat().st_size
+    # one line per stage, not one per progress call (fake_run_job reports three per stage)
+    assert job_log(job.id) == [
+        ("info", None, "started", 1),
+        *[("info", stage, f"{stage} started: {stage} 1/3", 1) for stage in STAGES],
+        ("info", STAGES[-1], f"storing {job.id}.tar ({size} bytes) in the artifact store", 1),
+        ("info", STAGES[-1], f"succeeded; artifacts: {job.id}.tar ({size} bytes)", 1),
+    ]
+
+
+def test_a_failed_job_logs_the_reason_at_the_stage_it_failed(run, load_job):
+    job = load_job(run(fake_run_job(fail=ValueError("group_size 7 does not divide 576"))))
+    lines = job_log(job.id)
+    assert [stage for _, stage, _, _ in lines[1:-1]] == ["load", "baseline", "quantize"]
+    assert lines[-1] == ("error", "quantize", "failed: ValueError: group_size 7 does not divide 576", 1)
+    assert job.error == "ValueError: group_size 7 does not divide 576"
+
+
+def test_a_cancelled_job_logs_the_request_and_where_it_stopped(run, new_job, load_job):
+    from app.core.db import session_scope
+    from app.crud import request_cancel
+
+    job_id = new_job()
+
+    def cancelled_midway(request, output_dir, progress, allow_local_paths=False):
+        progress("load", 0, 1)
+        with session_scope() as session:
+            request_cancel(session, job_id)
+        progress("baseline", 0, 1)
+
+    run(cancelled_midway, job_id)
+    assert [(level, stage, message) for level, stage, message, _ in job_log(job_id)] == [
+        ("info", None, "started"),
+        ("info", "load", "load started"),
+        ("warning", None, "cancellation requested; the worker stops at its next progress report"),
+        ("info", "baseline", "baseline started"),
+        ("warning", "baseline", "cancelled on request"),
+    ]
+
+
+def test_a_log_line_that_cannot_be_written_does_not_fail_the_job(run, load_job, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    from app.models import JobLog
+
+    def broken(self, *args, **kwargs):  # every log insert fails, as with a full disk on that table
+        raise OperationalError("INSERT INTO job_log", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(JobLog, "__init__", broken)
+    job = load_job(run(fake_run_job()))
+    assert job.status == JobStatus.SUCCEEDED and job_log(job.id) == []
