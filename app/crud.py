@@ -9,7 +9,10 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.models import TERMINAL, Dataset, Job, JobStatus, UploadedModel, WebhookDelivery, WebhookState, utcnow
+from app import joblog
+from app.models import (
+    TERMINAL, Dataset, Job, JobStatus, LogLevel, UploadedModel, WebhookDelivery, WebhookState, utcnow,
+)
 from quantcore.classic_job import ClassicJobRequest
 from quantcore.job import JobRequest
 
@@ -91,11 +94,16 @@ def request_cancel(session: Session, job_id: str) -> str | None:
             progress_message="cancelled before it started",
         )
     ).rowcount
-    changed = queued or session.execute(
+    running = not queued and session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
         .values(cancel_requested=True, progress_message="cancellation requested")
     ).rowcount
+    changed = queued or running
+    if queued:
+        joblog.append(session, job_id, "cancelled before it started", LogLevel.WARNING)
+    elif running:
+        joblog.append(session, job_id, "cancellation requested; the worker stops at its next progress report", LogLevel.WARNING)
     session.commit()
     if not changed:
         return None
@@ -106,11 +114,13 @@ def fail_job(session: Session, job: Job, reason: str) -> None:
     """Fail a job that never reached a worker (e.g. the broker refused its message). Its
     idempotency key is released: the client's retry with that key, once the broker is back,
     must queue the job, not replay this failure."""
-    session.execute(
+    failed = session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status.not_in(TERMINAL))
         .values(status=JobStatus.FAILED, error=reason, finished_at=utcnow(), idempotency_key=None)
-    )
+    ).rowcount
+    if failed:
+        joblog.append(session, job.id, f"failed: {reason}", LogLevel.ERROR)
     session.commit()
     session.refresh(job)
 

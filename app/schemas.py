@@ -9,7 +9,9 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from app.core.config import Settings, get_settings
-from app.models import Dataset, DatasetFormat, DatasetKind, Job, JobStatus, ModelFormat, UploadedModel, WebhookState
+from app.models import (
+    Dataset, DatasetFormat, DatasetKind, Job, JobLog, JobStatus, LogLevel, ModelFormat, UploadedModel, WebhookState,
+)
 
 
 class JobProgress(BaseModel):
@@ -126,6 +128,25 @@ class JobPage(BaseModel):
     total: int = Field(description="jobs matching the filter, over all pages")
     limit: int
     offset: int
+
+
+class JobLogLine(BaseModel):
+    seq: int = Field(description="orders the job's lines; pass the last one read as `after` for the next")
+    at: dt.datetime
+    level: LogLevel
+    stage: str | None = Field(None, description="the pipeline's stage when written")
+    message: str
+    attempt: int | None = Field(None, description="the worker's run that wrote it; null for the API's lines")
+
+    @classmethod
+    def from_row(cls, line: JobLog) -> JobLogLine:
+        return cls(seq=line.id, at=line.created_at, level=line.level, stage=line.stage, message=line.message,
+                   attempt=line.attempt)
+
+
+class JobLogPage(BaseModel):
+    items: list[JobLogLine] = Field(description="oldest first")
+    next_after: int = Field(description="`after` for the next page: the last line's seq (the request's `after` when empty)")
 
 
 class DatasetOut(BaseModel):

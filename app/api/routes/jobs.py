@@ -1,4 +1,4 @@
-"""/v1/jobs: submit, list, inspect, follow, cancel, and fetch the report and artifact."""
+"""/v1/jobs: submit, list, inspect, follow, read the log, cancel, and fetch the report and artifact."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 from sse_starlette import EventSourceResponse
 
-from app import artifacts, crud, jobs, try_model
+from app import artifacts, crud, joblog, jobs, try_model
 from app.artifact_store import ArtifactStoreError, store_for
 from app.api.deps import JobDep, SessionDep, SettingsDep
 from app.errors import validation_problem
 from app.events import job_events
 from app.models import JobStatus
-from app.schemas import ArtifactLink, ArtifactLinkRequest, JobOut, JobPage
+from app.schemas import ArtifactLink, ArtifactLinkRequest, JobLogLine, JobLogPage, JobOut, JobPage
 from app.try_model import TryRequest
 from app.webhooks import SubmissionSpec
 
@@ -55,9 +55,20 @@ def get_job(job: JobDep, settings: SettingsDep) -> JobOut:
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse)
 def follow_job(job: JobDep) -> EventSourceResponse:
-    """Server-sent events: `status` on each status change, `progress` in between; the
-    stream ends after the event that shows the job finished."""
+    """Server-sent events: `status` on each status change, `progress` in between, `log` for
+    each new log line; the stream ends after the event that shows the job finished."""
     return EventSourceResponse(job_events(job.id), ping=15)
+
+
+@router.get("/{job_id}/logs", response_model=JobLogPage)
+def job_logs(
+    job: JobDep,
+    session: SessionDep,
+    after: Annotated[int, Query(ge=0, description="the last seq already read; 0: from the first kept line")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> JobLogPage:
+    lines = [JobLogLine.from_row(row) for row in joblog.read(session, job.id, after, limit)]
+    return JobLogPage(items=lines, next_after=lines[-1].seq if lines else after)
 
 
 @router.get("/{job_id}/report")
