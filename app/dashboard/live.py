@@ -1,7 +1,7 @@
 """Server-sent events that carry HTML, for htmx's SSE extension to swap into the pages.
 
 A job page follows the API's own event stream (`app.events.job_events`, which polls the job
-row) and turns each event into the page's state panel and a log line. The job list has no
+row and its log) and turns each event into the page's state panel or a line of its log. The job list has no
 API stream of its own: it polls its page of jobs, with the filters it was opened with, and
 sends the table again whenever what it shows changed (a status, a progress bar, a new
 job); the list stays open until the browser leaves the page.
@@ -22,7 +22,7 @@ from app.dashboard.templating import fragment
 from app.dashboard.views import stage_bars
 from app.events import job_events
 from app.models import JobStatus
-from app.schemas import JobOut
+from app.schemas import JobLogLine, JobOut
 
 LIST_POLL_INTERVAL_S = 1.0
 
@@ -31,18 +31,24 @@ def job_state_html(job: JobOut) -> str:
     return fragment("_job_state.html", job=job, bars=stage_bars(job))
 
 
-def log_line_html(job: JobOut) -> str:
-    return fragment("_log_line.html", job=job)
+def log_line_html(line: JobLogLine) -> str:
+    return fragment("_log_line.html", line=line)
 
 
-async def job_page_events(job_id: str) -> AsyncIterator[dict]:
-    """`state` (the panel), `log` (one line) per change, then `end` once the job finished:
-    the page closes its connection on `end` instead of reconnecting to a finished stream."""
-    async for event in job_events(job_id):
+async def job_page_events(job_id: str, after: int = 0) -> AsyncIterator[dict]:
+    """`log` (one stored line, after the page's last one) as lines are written, `state` (the
+    panel) per change, then `end` once the job finished: the page closes its connection on
+    `end` instead of reconnecting to a finished stream. Only log events carry an id, the
+    line's seq: a reconnecting browser sends the last one as Last-Event-ID, and the stream
+    goes on from there without repeating lines."""
+    async for event in job_events(job_id, after=after):
+        if event["event"] == "log":
+            line = JobLogLine.model_validate_json(event["data"])
+            yield {"event": "log", "id": str(line.seq), "data": log_line_html(line)}
+            continue
         # by name: the JSON was written by field name, and some fields validate by an alias
         job = JobOut.model_validate_json(event["data"], by_name=True)
-        yield {"event": "state", "id": event["id"], "data": job_state_html(job)}
-        yield {"event": "log", "data": log_line_html(job)}
+        yield {"event": "state", "data": job_state_html(job)}
         if job.status.terminal:
             yield {"event": "end", "data": job.status.value}
 

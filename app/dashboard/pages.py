@@ -13,7 +13,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sse_starlette import EventSourceResponse
 
-from app import artifacts, jobs
+from app import artifacts, joblog, jobs
 from app.api.deps import SessionDep, SettingsDep
 from app.artifact_store import store_for
 from app.crud import get_job
@@ -23,7 +23,7 @@ from app.dashboard.templating import page
 from app.dashboard.views import delta_rows, metric_rows, size_rows, stage_bars, timing_rows
 from app.errors import Problem
 from app.models import Job, JobStatus
-from app.schemas import JobOut
+from app.schemas import JobLogLine, JobOut
 
 router = APIRouter(include_in_schema=False)
 PAGE_SIZES = (10, 20, 50, 100)
@@ -72,13 +72,26 @@ def job_list_live(
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(request: Request, job_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep):
     job = JobOut.from_row(load_job(session, job_id), settings)
-    return page(request, "job.html", principal, job=job, bars=stage_bars(job))
+    # the whole stored log (at most job_log_max_lines); the live stream goes on after its last line
+    log = [JobLogLine.from_row(row) for row in joblog.read(session, job.id, limit=None)]
+    return page(request, "job.html", principal, job=job, bars=stage_bars(job), log=log,
+                log_after=log[-1].seq if log else 0)
 
 
 @router.get("/jobs/{job_id}/live")
-def job_live(job_id: str, principal: PrincipalDep, session: SessionDep) -> EventSourceResponse:
+def job_live(
+    job_id: str,
+    principal: PrincipalDep,
+    session: SessionDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+    last_event_id: Annotated[str | None, Header(max_length=32)] = None,
+) -> EventSourceResponse:
+    """`after`: the page's last log line; a reconnecting browser's Last-Event-ID (the last
+    line it received) goes further."""
     job = load_job(session, job_id)
-    return EventSourceResponse(live.job_page_events(job.id), ping=15)
+    if last_event_id is not None and last_event_id.isdigit():
+        after = max(after, int(last_event_id))
+    return EventSourceResponse(live.job_page_events(job.id, after), ping=15)
 
 
 @router.post("/jobs/{job_id}/cancel")

@@ -1,10 +1,13 @@
-"""The HTML event streams: a job page's panel and log follow the job row to its end; the
+"""The HTML event streams: a job page's panel and log follow the job row and its stored log
+to its end; the
 job list sends its table again when a job on it changes, and only then."""
 
 import anyio
 
+from app import joblog
+from app.core.db import session_scope
 from app.dashboard import live
-from app.models import JobStatus
+from app.models import JobStatus, LogLevel
 
 
 def first_events(stream, count: int, between=None) -> list[dict]:
@@ -25,35 +28,72 @@ def first_events(stream, count: int, between=None) -> list[dict]:
     return anyio.run(collect)
 
 
-def test_a_finished_job_streams_its_panel_a_log_line_and_the_end(client, succeeded_job, html):
+def add_line(job_id: str, message: str, level=LogLevel.INFO, stage=None) -> int:
+    with session_scope() as session:
+        joblog.append(session, job_id, message, level, stage=stage)
+    with session_scope() as session:
+        return joblog.read(session, job_id, limit=None)[-1].id
+
+
+def sse_blocks(text: str) -> list[dict[str, str]]:
+    """Each event of a stream as {field: value} (data lines joined), pings left out."""
+    blocks = [b for b in text.replace("\r\n", "\n").split("\n\n") if b.strip() and not b.startswith(":")]
+    events = []
+    for block in blocks:
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            name, _, value = line.partition(": ")
+            fields[name] = fields[name] + "\n" + value if name in fields else value
+        events.append(fields)
+    return events
+
+
+def test_a_finished_job_streams_its_stored_log_its_panel_and_the_end(client, succeeded_job, html):
     job_id, _ = succeeded_job()
+    first = add_line(job_id, "started")
+    second = add_line(job_id, "failed: nothing really", LogLevel.ERROR, stage="quantize")
     with client.stream("GET", f"/jobs/{job_id}/live") as response:
         assert response.headers["content-type"].startswith("text/event-stream")
-        text = "".join(response.iter_text())
-    blocks = [b for b in text.replace("\r\n", "\n").split("\n\n") if b.strip() and not b.startswith(":")]
-    kinds = [next(line.split(": ", 1)[1] for line in b.splitlines() if line.startswith("event:")) for b in blocks]
-    assert kinds == ["state", "log", "end"]
-    state = "\n".join(line.removeprefix("data: ") for line in blocks[0].splitlines() if line.startswith("data:"))
-    panel = html(state)
+        events = sse_blocks("".join(response.iter_text()))
+    assert [e["event"] for e in events] == ["log", "log", "state", "end"]
+    # only log lines carry ids, their seq: what a reconnecting browser sends back
+    assert [e.get("id") for e in events] == [str(first), str(second), None, None]
+    line = html(events[1]["data"])
+    assert line.find_all("li")[0].attrs["data-seq"] == str(second)
+    assert "[quantize] failed: nothing really" in line.text and "error" in line.text
+    panel = html(events[2]["data"])
     assert panel.find_all("strong", data_testid="status")[0].text == "succeeded"
     assert [a.attrs["href"] for a in panel.find_all("a")][0] == f"/jobs/{job_id}/report"
 
 
-def test_a_running_job_streams_each_change_until_it_ends(submit, set_job, settings):
+def test_the_page_stream_goes_on_after_the_pages_last_line_or_the_last_event_id(client, succeeded_job):
+    job_id, _ = succeeded_job()
+    seqs = [add_line(job_id, f"line {i}") for i in range(3)]
+    with client.stream("GET", f"/jobs/{job_id}/live?after={seqs[0]}") as response:
+        after_query = [e.get("id") for e in sse_blocks("".join(response.iter_text())) if e["event"] == "log"]
+    headers = {"Last-Event-ID": str(seqs[1])}
+    with client.stream("GET", f"/jobs/{job_id}/live?after={seqs[0]}", headers=headers) as response:
+        after_header = [e.get("id") for e in sse_blocks("".join(response.iter_text())) if e["event"] == "log"]
+    assert after_query == [str(seqs[1]), str(seqs[2])]
+    assert after_header == [str(seqs[2])]
+
+
+def test_a_running_job_streams_each_change_and_new_log_line_until_it_ends(submit, set_job, settings):
     job_id = submit().json()["id"]
-    steps = [
-        dict(status=JobStatus.RUNNING, progress_stage="quantize", progress_current=5, progress_total=210,
-             progress_message="model.layers.0.mlp.up_proj"),
-        dict(status=JobStatus.CANCELLED, progress_message="cancelled"),
-    ]
 
-    def advance(n: int) -> None:  # after each state and its log line, the worker moves on
-        if n in (2, 4):
-            set_job(job_id, **steps[n // 2 - 1])
+    def advance(n: int) -> None:  # after each state, the worker moves on and logs it
+        if n == 1:
+            set_job(job_id, status=JobStatus.RUNNING, progress_stage="quantize", progress_current=5,
+                    progress_total=210, progress_message="model.layers.0.mlp.up_proj")
+            add_line(job_id, "quantize started: model.layers.0.mlp.up_proj", stage="quantize")
+        if n == 3:
+            set_job(job_id, status=JobStatus.CANCELLED, progress_message="cancelled")
+            add_line(job_id, "cancelled on request", LogLevel.WARNING, stage="quantize")
 
-    events = first_events(live.job_page_events(job_id), 7, between=advance)
-    assert [e["event"] for e in events] == ["state", "log", "state", "log", "state", "log", "end"]
-    assert "5 of 210" in events[2]["data"] and "model.layers.0.mlp.up_proj" in events[3]["data"]
+    events = first_events(live.job_page_events(job_id), 6, between=advance)
+    assert [e["event"] for e in events] == ["state", "log", "state", "log", "state", "end"]
+    assert "quantize started: model.layers.0.mlp.up_proj" in events[1]["data"]
+    assert "5 of 210" in events[2]["data"] and "cancelled on request" in events[3]["data"]
     assert events[-1]["data"] == "cancelled"
 
 
@@ -98,6 +138,6 @@ def test_a_job_with_a_webhook_streams_its_delivery_state(submit, set_job, settin
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
     set_job(job_id, status=JobStatus.CANCELLED)
-    state, _, end = first_events(live.job_page_events(job_id), 3)
+    state, end = first_events(live.job_page_events(job_id), 2)
     assert "Webhook" in state["data"] and "pending" in state["data"] and end["event"] == "end"
     assert "s3cr3t" not in state["data"]

@@ -60,8 +60,42 @@ def test_a_running_job_shows_each_stage_and_the_layer_it_is_at(client, submit, s
     assert values == {"load": 1.0, "baseline": 1.0, "quantize": 0.1, "evaluate": 0.0, "export": 0.0}
     assert "21 of 210" in page.by_id("state").text and "model.layers.3.mlp.up_proj" in page.by_id("state").text
     assert page.find_all("label", for_="progress-quantize")  # every bar is labelled
-    assert page.by_id("live").attrs["sse-connect"] == f"/jobs/{job_id}/live"
+    assert page.by_id("live").attrs["sse-connect"] == f"/jobs/{job_id}/live?after=0"  # no stored line yet
     assert page.find_all("form", action=f"/jobs/{job_id}/cancel")
+
+
+def test_a_job_page_opened_later_shows_the_stored_log_and_streams_after_it(client, submit, set_job, html):
+    from app import joblog
+    from app.core.db import session_scope
+    from app.models import LogLevel
+
+    job_id = submit().json()["id"]
+    set_job(job_id, status=JobStatus.RUNNING, attempts=2, progress_stage="quantize")
+    written = [("started", LogLevel.INFO, None, 1), ("load started", LogLevel.INFO, "load", 1),
+               ("the worker running attempt 1 stopped responding", LogLevel.WARNING, "load", 1),
+               ("restarted: attempt 2 of 2", LogLevel.INFO, None, 2)]
+    with session_scope() as session:
+        for message, level, stage, attempt in written:
+            joblog.append(session, job_id, message, level, stage=stage, attempt=attempt)
+    with session_scope() as session:
+        last = joblog.read(session, job_id, limit=None)[-1].id
+    page = html(client.get(f"/jobs/{job_id}").text)
+    lines = page.by_id("log").find_all("li")
+    assert [line.attrs["data-seq"] for line in lines][-1] == str(last) and len(lines) == 4
+    assert "[load] load started" in lines[1].text
+    assert lines[2].attrs["class"] == "log-warning" and "warning" in lines[2].text
+    assert "restarted: attempt 2 of 2" in lines[3].text and "(attempt 2)" in lines[3].text
+    assert page.by_id("live").attrs["sse-connect"] == f"/jobs/{job_id}/live?after={last}"
+
+
+def test_a_cancel_from_the_page_is_in_the_jobs_log(client, submit, html):
+    job_id = submit().json()["id"]
+    client.post(f"/jobs/{job_id}/cancel", follow_redirects=False)
+    page = html(client.get(f"/jobs/{job_id}").text)
+    assert [line.text.split(" ", 1)[1] for line in page.by_id("log").find_all("li")] == [
+        "warning cancelled before it started"
+    ]
+    assert "sse-connect" not in page.by_id("live").attrs  # finished: nothing more to follow
 
 
 def test_cancelling_from_the_page_cancels_a_queued_job(client, submit, html):
