@@ -22,7 +22,7 @@ import anyio
 import httpx
 
 from app.models import JobStatus
-from app.schemas import DatasetOut, JobOut, JobPage, ModelOut, Preset
+from app.schemas import DatasetOut, JobLogPage, JobOut, JobPage, ModelOut, Preset
 from qforge.client import _shared as shared
 from qforge.client._shared import answer_start, check_answer, remaining
 from qforge.client.errors import (
@@ -119,6 +119,10 @@ class AsyncClient:
 
     async def report(self, job_id: str) -> dict[str, Any]:
         return (await self._send("GET", shared.job_path(job_id, "report"))).json()
+
+    async def logs(self, job_id: str, after: int = 0, limit: int = 100) -> JobLogPage:
+        params = {"after": after, "limit": limit}
+        return JobLogPage.model_validate_json((await self._send("GET", shared.job_path(job_id, "logs"), params=params)).content)
 
     async def cancel(self, job_id: str) -> JobOut:
         return JobOut.model_validate_json((await self._send("POST", shared.job_path(job_id, "cancel"))).content)

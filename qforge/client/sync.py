@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from app.models import JobStatus
-from app.schemas import DatasetOut, JobOut, JobPage, ModelOut, Preset
+from app.schemas import DatasetOut, JobLogPage, JobOut, JobPage, ModelOut, Preset
 from qforge.client import _shared as shared
 from qforge.client._shared import answer_start, check_answer, remaining
 from qforge.client.errors import (
@@ -132,6 +132,12 @@ class Client:
     def report(self, job_id: str) -> dict[str, Any]:
         """The report of a succeeded job (metrics before and after, sizes, per-layer table)."""
         return self._send("GET", shared.job_path(job_id, "report")).json()
+
+    def logs(self, job_id: str, after: int = 0, limit: int = 100) -> JobLogPage:
+        """The job's log lines after the line `after`, oldest first; pass the page's
+        `next_after` for the lines written since."""
+        params = {"after": after, "limit": limit}
+        return JobLogPage.model_validate_json(self._send("GET", shared.job_path(job_id, "logs"), params=params).content)
 
     def cancel(self, job_id: str) -> JobOut:
         """A queued job is cancelled at once; a running one stops at its next progress report

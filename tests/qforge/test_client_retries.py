@@ -54,7 +54,8 @@ class Scripted:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
                 path = self.path.split("?")[0]
-                scripted.seen.append({"method": self.command, "path": path, "headers": dict(self.headers),
+                scripted.seen.append({"method": self.command, "path": path, "query": self.path.partition("?")[2],
+                                      "headers": dict(self.headers),
                                       "body": body, "at": time.monotonic()})
                 replies = scripted.script.get((self.command, path)) or [Reply(404, {"type": PROBLEM + "not-found",
                                                                               "title": "Not found", "status": 404})]
@@ -282,3 +283,22 @@ def test_wait_reconnects_a_stream_that_ended_early_and_polls_a_server_without_on
     with Client(stub.url, retry=FAST) as qf, pytest.raises(JobFailed) as caught:
         qf.wait(other, timeout=30, progress=False)  # no events route here: the default 404 not-found
     assert caught.value.reason == "boom" and len(stub.requests("GET", f"/v1/jobs/{other}/events")) == 1
+
+
+def test_logs_reads_a_page_of_the_job_log_after_a_seq_and_is_retried_on_5xx(stub):
+    page = {"items": [{"seq": 8, "at": "2026-12-02T10:00:00Z", "level": "error", "stage": "quantize",
+                       "message": "failed: ValueError: bad group", "attempt": 1}], "next_after": 8}
+    path = "/v1/jobs/" + "ab" * 16 + "/logs"
+    stub.script[("GET", path)] = [Reply(503, {"title": "busy"}), Reply(200, page), Reply(200, page)]
+    with Client(stub.url, retry=FAST) as qf:
+        read = qf.logs("ab" * 16, after=7, limit=5)
+
+    async def read_async():
+        async with AsyncClient(stub.url, retry=FAST) as qf:
+            return await qf.logs("ab" * 16, after=7)
+
+    read_async_page = anyio.run(read_async)
+    assert read == read_async_page and read.next_after == 8
+    [line] = read.items
+    assert (line.seq, line.level, line.stage, line.message) == (8, "error", "quantize", "failed: ValueError: bad group")
+    assert [r["query"] for r in stub.requests("GET", path)] == ["after=7&limit=5", "after=7&limit=5", "after=7&limit=100"]
