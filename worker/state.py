@@ -176,7 +176,8 @@ def _finish(job_id: str, attempt: int, status: JobStatus, line: tuple[LogLevel, 
 def succeed(job_id: str, attempt: int, report: dict, artifact_path: str, sha256: str, size: int) -> None:
     stored = ", ".join(f"{a['file']} ({a['bytes']} bytes)" for a in report.get("artifacts", []) if "file" in a)
     _finish(
-        job_id, attempt, JobStatus.SUCCEEDED, (LogLevel.INFO, f"succeeded; artifacts: {stored or artifact_path}"), report=report, artifact_path=artifact_path, artifact_sha256=sha256,
+        job_id, attempt, JobStatus.SUCCEEDED, (LogLevel.INFO, f"succeeded; artifacts: {stored or artifact_path}"),
+        report=report, artifact_path=artifact_path, artifact_sha256=sha256,
         artifact_bytes=size, progress_percent=100.0, progress_message="done",
         # the last progress call may have been throttled away: a finished job shows N of N
         progress_current=Job.progress_total,
