@@ -233,7 +233,14 @@ def main_job(tmp_path):
         assert submitted.status_code == 202, submitted.text
         job_id = submitted.json()["id"]
 
-        events = follow_events(client, job_id)
+        streamed = follow_events(client, job_id)
+        logs = [line for kind, line in streamed if kind == "log"]
+        events = [(kind, job) for kind, job in streamed if kind != "log"]  # the job's own states
+        # the stored log, as the stream carried it: in order, a line per stage, ending in success
+        assert [line["seq"] for line in logs] == sorted(line["seq"] for line in logs)
+        assert {"quantize", "export"} <= {line["stage"] for line in logs}, logs
+        assert logs[-1]["level"] == "info" and "succeeded" in logs[-1]["message"], logs[-1]
+        assert client.get(f"/v1/jobs/{job_id}/logs").json()["items"] == logs  # and the endpoint agrees
         assert events[-1][0] == "status" and events[-1][1]["status"] == "succeeded", events[-1]
         assert {"running", "succeeded"} <= {job["status"] for kind, job in events if kind == "status"}
         stages = [job["progress"]["stage"] for _, job in events if job["progress"]["stage"]]
