@@ -1,5 +1,7 @@
 """Job rows as the API reads and writes them (the worker's transitions are in worker/state.py),
-and the rows of uploaded datasets and models."""
+and the rows of uploaded datasets and models. Every read takes the caller's tenant: a row of
+another tenant is never returned (the worker, which runs any tenant's job, reads by id in
+worker/state.py)."""
 
 from __future__ import annotations
 
@@ -19,24 +21,30 @@ from quantcore.job import JobRequest
 Upload = TypeVar("Upload", Dataset, UploadedModel)
 
 
-def get_job(session: Session, job_id: str) -> Job | None:
-    return session.get(Job, job_id)
+def get_job(session: Session, job_id: str, tenant_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
 
 
-def find_by_idempotency_key(session: Session, key: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.idempotency_key == key))
+def find_by_idempotency_key(session: Session, key: str, tenant_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
 
 
 def create_job(
-    session: Session, request: JobRequest | ClassicJobRequest, idempotency_key: str | None, callback_url: str | None = None
+    session: Session,
+    request: JobRequest | ClassicJobRequest,
+    idempotency_key: str | None,
+    callback_url: str | None = None,
+    *,
+    tenant_id: str,
 ) -> tuple[Job, bool]:
     """Insert a queued job and commit; returns (job, created). With a key already used, the
     existing job is returned instead (also when two submissions race to insert it). A job
     with a callback URL gets its webhook row in the same commit: whichever process later
     finishes the job, the worker's dispatcher finds the event due."""
-    if idempotency_key and (existing := find_by_idempotency_key(session, idempotency_key)):
+    if idempotency_key and (existing := find_by_idempotency_key(session, idempotency_key, tenant_id)):
         return existing, False
     job = Job(
+        tenant_id=tenant_id,
         status=JobStatus.QUEUED,
         model=request.model,
         recipe=request.spec() if isinstance(request, ClassicJobRequest) else request.recipe.model_dump(mode="json"),
@@ -57,7 +65,7 @@ def create_job(
         session.commit()
     except IntegrityError:
         session.rollback()
-        existing = find_by_idempotency_key(session, idempotency_key) if idempotency_key else None
+        existing = find_by_idempotency_key(session, idempotency_key, tenant_id) if idempotency_key else None
         if existing is None:
             raise
         return existing, False
@@ -65,11 +73,11 @@ def create_job(
 
 
 def list_jobs(
-    session: Session, status: JobStatus | None, limit: int, offset: int, model_contains: str | None = None
+    session: Session, tenant_id: str, status: JobStatus | None, limit: int, offset: int, model_contains: str | None = None
 ) -> tuple[list[Job], int]:
-    """Newest first; also the number of jobs matching over all pages. `model_contains`
-    keeps the jobs whose model reference holds that text (any case)."""
-    query = select(Job)
+    """The tenant's jobs, newest first; also the number matching over all pages.
+    `model_contains` keeps the jobs whose model reference holds that text (any case)."""
+    query = select(Job).where(Job.tenant_id == tenant_id)
     if status is not None:
         query = query.where(Job.status == status)
     if model_contains:
@@ -125,14 +133,15 @@ def fail_job(session: Session, job: Job, reason: str) -> None:
     session.refresh(job)
 
 
-def get_upload(session: Session, table: type[Upload], upload_id: str) -> Upload | None:
-    return session.get(table, upload_id)
+def get_upload(session: Session, table: type[Upload], upload_id: str, tenant_id: str) -> Upload | None:
+    return session.scalar(select(table).where(table.id == upload_id, table.tenant_id == tenant_id))
 
 
-def list_uploads(session: Session, table: type[Upload], limit: int, offset: int) -> tuple[list[Upload], int]:
-    """Newest first; also the number of rows over all pages."""
-    total = session.scalar(select(func.count()).select_from(table)) or 0
-    rows = session.scalars(select(table).order_by(table.created_at.desc(), table.id.desc()).limit(limit).offset(offset))
+def list_uploads(session: Session, table: type[Upload], tenant_id: str, limit: int, offset: int) -> tuple[list[Upload], int]:
+    """The tenant's uploads, newest first; also the number of rows over all pages."""
+    total = session.scalar(select(func.count()).select_from(table).where(table.tenant_id == tenant_id)) or 0
+    query = select(table).where(table.tenant_id == tenant_id)
+    rows = session.scalars(query.order_by(table.created_at.desc(), table.id.desc()).limit(limit).offset(offset))
     return list(rows), total
 
 

@@ -17,9 +17,10 @@ from quantcore.job import JobRequest
 log = logging.getLogger(__name__)
 
 
-def check_classic(session: Session, request: ClassicJobRequest, settings: Settings) -> None:
-    """A classic job's model and data must be bundled or uploaded here (or, where the service
-    allows local paths, paths): an unknown one is the client's error, found now."""
+def check_classic(session: Session, request: ClassicJobRequest, settings: Settings, tenant_id: str) -> None:
+    """A classic job's model and data must be bundled or uploaded here by the same tenant (or,
+    where the service allows local paths, paths): an unknown one is the client's error, found
+    now. Another tenant's upload is unknown: the worker, which could read it, never gets its id."""
     from quantcore.models.classifiers import BUNDLED_CLASSIFIERS, BUNDLED_DATA
 
     refs = [("model", request.model, UploadedModel, BUNDLED_CLASSIFIERS), ("data.train", request.data.train, Dataset, BUNDLED_DATA)]
@@ -28,7 +29,7 @@ def check_classic(session: Session, request: ClassicJobRequest, settings: Settin
     for field, ref, table, bundled in refs:
         what = "model" if table is UploadedModel else "dataset"
         if ref.startswith("upload:"):
-            row = crud.get_upload(session, table, ref.removeprefix("upload:"))
+            row = crud.get_upload(session, table, ref.removeprefix("upload:"), tenant_id)
             if row is None:
                 message = f"no uploaded {what} '{ref}': upload it with POST /v1/{what}s first"
             elif isinstance(row, Dataset) and row.kind != DatasetKind.ARRAYS:
@@ -59,17 +60,21 @@ def check_model(request: JobRequest, settings: Settings) -> None:
 
 
 def submit(
-    session: Session, request: JobRequest | ClassicJobRequest, idempotency_key: str | None, settings: Settings
+    session: Session,
+    request: JobRequest | ClassicJobRequest,
+    idempotency_key: str | None,
+    settings: Settings,
+    tenant_id: str,
 ) -> tuple[Job, bool]:
-    """Validate the model (and data), store the job, then enqueue it; returns (job, created)."""
+    """Validate the model (and data), store the tenant's job, then enqueue it; returns (job, created)."""
     if isinstance(request, ClassicJobRequest):
-        check_classic(session, request, settings)
+        check_classic(session, request, settings, tenant_id)
     else:
         check_model(request, settings)
     callback_url = getattr(request, "callback_url", None)
     if callback_url is not None:
         webhooks.check_callback(callback_url, settings)
-    job, created = crud.create_job(session, request, idempotency_key, callback_url)
+    job, created = crud.create_job(session, request, idempotency_key, callback_url, tenant_id=tenant_id)
     if not created:
         if (job.request, job.callback_url) != (webhooks.request_data(request), callback_url):
             raise Problem(

@@ -7,7 +7,7 @@ from importlib.metadata import version
 from fastapi import FastAPI
 
 from app import dashboard, errors
-from app.api.routes import artifacts, datasets, health, jobs, models, presets
+from app.api.routes import artifacts, datasets, health, jobs, keys, models, presets
 
 
 def create_app() -> FastAPI:
@@ -23,6 +23,7 @@ def create_app() -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(models.router)
     app.include_router(presets.router)
+    app.include_router(keys.router)
     dashboard.install(app)  # the pages at /, after the API's routes
     return app
 

@@ -1,6 +1,9 @@
-"""Database tables. One row per job: its request, state, progress, outcome and artifact, and
-its log lines; one per uploaded dataset and per uploaded model, written once its file is complete and checked;
-one per webhook event of a job that named a callback URL, with its delivery's state."""
+"""Database tables. One row per tenant and per API key (stored hashed); one row per job: its
+request, state, progress, outcome and artifact, and its log lines; one per uploaded dataset and
+per uploaded model, written once its file is complete and checked; one per webhook event of a
+job that named a callback URL, with its delivery's state. Jobs, datasets and models each belong
+to one tenant (reports and artifacts belong to their job), and the API only ever reads a
+tenant's own rows."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON, BigInteger, Boolean, DateTime, Enum, Float, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -71,6 +75,20 @@ class WebhookState(enum.StrEnum):
     FAILED = "failed"  # given up: a 4xx answer, an address not allowed, or out of attempts
 
 
+class Scope(enum.StrEnum):
+    """What an API key may do; each scope includes the ones before it."""
+
+    READ = "read"  # list and read the tenant's objects, download its artifacts
+    SUBMIT = "submit"  # also submit and cancel jobs, upload and delete models and datasets
+    ADMIN = "admin"  # also create and revoke the tenant's API keys
+
+    def allows(self, needed: Scope) -> bool:
+        return SCOPE_ORDER.index(self) >= SCOPE_ORDER.index(needed)
+
+
+SCOPE_ORDER = (Scope.READ, Scope.SUBMIT, Scope.ADMIN)
+
+
 class LogLevel(enum.StrEnum):
     INFO = "info"
     WARNING = "warning"  # cancellation, a lost worker's retry
@@ -102,10 +120,45 @@ class Base(DeclarativeBase):
     )
 
 
-class Job(Base):
-    __tablename__ = "jobs"
+DEFAULT_TENANT = "default"  # created by the migration that added tenants; owns what existed before
+
+
+class Tenant(Base):
+    """Who owns jobs, uploads and keys. `id` is a short name chosen at creation (lowercase
+    letters, digits, dashes): it appears in logs and in the admin CLI."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key, stored as the sha256 of the key: the key itself is shown once, when it is
+    created. A hash without salt or stretching suffices because keys are 256-bit random
+    strings, not passwords: no dictionary holds them. `prefix` (the key's first characters)
+    lets a person tell their keys apart in listings."""
+
+    __tablename__ = "api_keys"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scope: Mapped[Scope] = mapped_column(_enum(Scope, "scope"))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    # an Idempotency-Key is the client's: the same key from two tenants names two jobs
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "job_status"), default=JobStatus.QUEUED, index=True)
     model: Mapped[str] = mapped_column(String(1024))
     recipe: Mapped[dict[str, Any]] = mapped_column(JSON)  # the parsed recipe, exactly as run
@@ -126,7 +179,7 @@ class Job(Base):
     artifacts_deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     artifacts_deleted_reason: Mapped[str | None] = mapped_column(String(32))  # "request" or "retention"
 
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
 
@@ -189,6 +242,7 @@ class Dataset(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     name: Mapped[str] = mapped_column(String(255))
     format: Mapped[DatasetFormat] = mapped_column(_enum(DatasetFormat, "dataset_format"))
     kind: Mapped[DatasetKind] = mapped_column(_enum(DatasetKind, "dataset_kind"))
@@ -209,6 +263,7 @@ class UploadedModel(Base):
     __tablename__ = "uploaded_models"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     name: Mapped[str] = mapped_column(String(255))
     format: Mapped[ModelFormat] = mapped_column(_enum(ModelFormat, "model_format"))
     architecture: Mapped[str] = mapped_column(String(64))

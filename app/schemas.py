@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from app.core.config import Settings, get_settings
 from app.models import (
-    Dataset, DatasetFormat, DatasetKind, Job, JobLog, JobStatus, LogLevel, ModelFormat, UploadedModel, WebhookState,
+    Dataset, DatasetFormat, DatasetKind, Job, JobLog, JobStatus, LogLevel, ModelFormat, Scope, UploadedModel, WebhookState,
 )
 
 
@@ -207,3 +207,33 @@ class Preset(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class ApiKeyOut(BaseModel):
+    id: str
+    tenant: str = Field(validation_alias="tenant_id")
+    name: str
+    prefix: str = Field(description="the key's first characters, to tell keys apart; the key itself is never shown again")
+    scope: Scope = Field(description="read < submit < admin; each includes the ones before")
+    created_at: dt.datetime
+    last_used_at: dt.datetime | None = Field(None, description="to the minute")
+    revoked_at: dt.datetime | None = None
+
+    model_config = {"from_attributes": True, "populate_by_name": True}
+
+
+class NewApiKey(ApiKeyOut):
+    key: str = Field(description="the API key: shown in this answer only, store it now")
+
+
+class ApiKeyRequest(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    name: str = Field("", max_length=255, description="what the key is for, shown in listings")
+    scope: Scope = Scope.READ
+
+
+class Identity(BaseModel):
+    tenant: str
+    key_id: str
+    scope: Scope

@@ -35,17 +35,18 @@ Row = TypeVar("Row", Dataset, UploadedModel)
 CONFIG_EXAMPLE = '{"architecture": "digits-cnn", "width": 16}'
 
 
-async def receive_dataset(request: Request, session: Session, settings: Settings) -> Dataset:
+async def receive_dataset(request: Request, session: Session, settings: Settings, tenant_id: str) -> Dataset:
     return await _receive(request, settings, settings.datasets_dir, frozenset({"name"}),
-                          lambda upload_id, upload: _store_dataset(session, settings, upload_id, upload))
+                          lambda upload_id, upload: _store_dataset(session, settings, upload_id, upload, tenant_id))
 
 
-def _store_dataset(session: Session, settings: Settings, dataset_id: str, upload: Upload) -> Dataset:
+def _store_dataset(session: Session, settings: Settings, dataset_id: str, upload: Upload, tenant_id: str) -> Dataset:
     name = _name(upload)
     summary = dataset_files.inspect(upload.path, settings.max_dataset_samples, settings.max_upload_bytes)
     path = _publish(upload, settings.datasets_dir / dataset_id, f"data.{summary.format.value}")
     row = Dataset(
         id=dataset_id,
+        tenant_id=tenant_id,
         name=name,
         format=summary.format,
         kind=summary.kind,
@@ -60,9 +61,9 @@ def _store_dataset(session: Session, settings: Settings, dataset_id: str, upload
     return _record(session, row, path.parent)
 
 
-async def receive_model(request: Request, session: Session, settings: Settings) -> UploadedModel:
+async def receive_model(request: Request, session: Session, settings: Settings, tenant_id: str) -> UploadedModel:
     return await _receive(request, settings, settings.models_dir, frozenset({"name", "config"}),
-                          lambda upload_id, upload: _store_model(session, settings, upload_id, upload),
+                          lambda upload_id, upload: _store_model(session, settings, upload_id, upload, tenant_id),
                           check_filename=model_files.check_filename)
 
 
@@ -80,7 +81,7 @@ async def _receive(request: Request, settings: Settings, folder: Path, fields: f
         shutil.rmtree(staging, ignore_errors=True)  # gone already once published
 
 
-def _store_model(session: Session, settings: Settings, model_id: str, upload: Upload) -> UploadedModel:
+def _store_model(session: Session, settings: Settings, model_id: str, upload: Upload, tenant_id: str) -> UploadedModel:
     name = _name(upload)
     summary = model_files.inspect(upload.path)  # first: a pickle is refused whatever its config
     config = parse_config(upload.fields.get("config"))
@@ -89,6 +90,7 @@ def _store_model(session: Session, settings: Settings, model_id: str, upload: Up
     path = _publish(upload, settings.models_dir / model_id, "model.safetensors")
     row = UploadedModel(
         id=model_id,
+        tenant_id=tenant_id,
         name=name,
         format=ModelFormat.SAFETENSORS,
         architecture=config["architecture"],

@@ -53,7 +53,7 @@ def _succeeded_job(data_dir: Path, size: int, store_env: dict[str, str]) -> tupl
     from app.artifact_store import store_for
     from app.core.config import get_settings
     from app.core.db import migrate, session_scope
-    from app.models import Job, JobStatus
+    from app.models import DEFAULT_TENANT, Job, JobStatus
 
     os.environ.update(QFORGE_DATA_DIR=str(data_dir), **store_env)
     get_settings.cache_clear()
@@ -73,7 +73,8 @@ def _succeeded_job(data_dir: Path, size: int, store_env: dict[str, str]) -> tupl
     from quantcore.job import JobRequest
 
     with session_scope() as session:
-        job, _ = crud.create_job(session, JobRequest(model="bundled:smollm2-135m", recipe="w4a16-rtn-g64"), None)
+        request = JobRequest(model="bundled:smollm2-135m", recipe="w4a16-rtn-g64")
+        job, _ = crud.create_job(session, request, None, tenant_id=DEFAULT_TENANT)
         job_id = job.id
         store.put(f"{job_id}.tar", path)
         session.execute(update(Job).where(Job.id == job_id).values(

@@ -88,7 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qforge import cli_jobs, cli_quantize, exits
+    from qforge import cli_admin, cli_jobs, cli_quantize, exits
 
     parser = argparse.ArgumentParser(
         prog="qforge", description="qforge: quantization as a service", epilog=exits.HELP,
@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_quantize.add_command(commands)
     cli_jobs.add_commands(commands)
+    cli_admin.add_command(commands, data_dir_option)
     return parser
 
 

@@ -72,8 +72,24 @@ def recipe_arg(value: str) -> Path | str:
 
 def _client(args: argparse.Namespace):
     from qforge.client import Client
+    from qforge.client._shared import server_url
 
-    return Client(args.server, args.api_key)
+    return Client(args.server, args.api_key or os.environ.get("QFORGE_API_KEY") or _local_key(server_url(args.server)))
+
+
+def _local_key(server: str) -> str | None:
+    """The key `qforge serve` saved for its user on the embedded default (<data dir>/api.key,
+    see app.tenants.bootstrap), when the server is this machine's: so that the two README
+    commands work together with no key to copy. Never sent to another host."""
+    from urllib.parse import urlsplit
+
+    if urlsplit(server).hostname not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    path = Path(os.environ.get("QFORGE_DATA_DIR") or ".qforge").expanduser() / "api.key"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _print_json(data: Any) -> None:

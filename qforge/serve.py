@@ -41,6 +41,7 @@ def serve(settings: Settings, with_worker: bool = True) -> int:
     signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)
     migrate()
+    _bootstrap_key(settings)
     worker: subprocess.Popen | None = None
     try:
         if with_worker:
@@ -66,6 +67,17 @@ def serve(settings: Settings, with_worker: bool = True) -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             _stop_worker(worker)
+
+
+def _bootstrap_key(settings: Settings) -> None:
+    """Make sure some key can use the service (app.tenants.bootstrap) and say where it is."""
+    from app import tenants
+    from app.core.db import session_scope
+
+    with session_scope() as session:
+        line = tenants.bootstrap(session, settings)
+    if line:
+        print(f"qforge: {line}", file=sys.stderr, flush=True)
 
 
 def _spawn_worker(settings: Settings) -> tuple[subprocess.Popen, Path]:

@@ -1,8 +1,10 @@
-"""Dependencies shared by the routes, as `Annotated` aliases."""
+"""Dependencies shared by the routes, as `Annotated` aliases.
+
+Every object a route names in its path is looked up within the caller's tenant: another
+tenant's job, dataset or model is "not found", exactly like one that does not exist."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Path
@@ -10,26 +12,18 @@ from sqlalchemy.orm import Session
 
 from app import crud
 from app.core.config import Settings, get_settings
-from app.core.db import new_session
+from app.auth import CallerDep
+from app.core.db import get_session
 from app.errors import dataset_not_found, job_not_found, model_not_found
 from app.models import Dataset, Job, UploadedModel
-
-
-def get_session() -> Iterator[Session]:
-    session = new_session()
-    try:
-        yield session
-    finally:
-        session.close()
-
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def get_job(session: SessionDep, job_id: Annotated[str, Path(max_length=64)]) -> Job:
+def get_job(session: SessionDep, caller: CallerDep, job_id: Annotated[str, Path(max_length=64)]) -> Job:
     """The job named in the path, or a 404 problem (before any response starts streaming)."""
-    job = crud.get_job(session, job_id)
+    job = crud.get_job(session, job_id, caller.tenant_id)
     if job is None:
         raise job_not_found(job_id)
     return job
@@ -38,8 +32,8 @@ def get_job(session: SessionDep, job_id: Annotated[str, Path(max_length=64)]) ->
 JobDep = Annotated[Job, Depends(get_job)]
 
 
-def get_dataset(session: SessionDep, dataset_id: Annotated[str, Path(max_length=64)]) -> Dataset:
-    dataset = crud.get_upload(session, Dataset, dataset_id)
+def get_dataset(session: SessionDep, caller: CallerDep, dataset_id: Annotated[str, Path(max_length=64)]) -> Dataset:
+    dataset = crud.get_upload(session, Dataset, dataset_id, caller.tenant_id)
     if dataset is None:
         raise dataset_not_found(dataset_id)
     return dataset
@@ -48,8 +42,8 @@ def get_dataset(session: SessionDep, dataset_id: Annotated[str, Path(max_length=
 DatasetDep = Annotated[Dataset, Depends(get_dataset)]
 
 
-def get_uploaded_model(session: SessionDep, model_id: Annotated[str, Path(max_length=64)]) -> UploadedModel:
-    model = crud.get_upload(session, UploadedModel, model_id)
+def get_uploaded_model(session: SessionDep, caller: CallerDep, model_id: Annotated[str, Path(max_length=64)]) -> UploadedModel:
+    model = crud.get_upload(session, UploadedModel, model_id, caller.tenant_id)
     if model is None:
         raise model_not_found(model_id)
     return model

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     job_log_max_lines: int = Field(
         1000, ge=10, description="log lines kept per job; past it the oldest are removed as new ones are written"
     )
+    bootstrap_api_key: SecretStr | None = Field(
+        None, description="an admin key of the default tenant that `qforge serve` makes sure exists (at least 32 characters)"
+    )
     allow_local_model_paths: bool = Field(False, description="let clients name a model by a path on the worker")
     max_upload_bytes: int = Field(
         256 * 2**20, ge=1, description="largest dataset or model file accepted (and largest an .npz may unpack to)"

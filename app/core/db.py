@@ -71,6 +71,15 @@ def new_session() -> Session:
     return _entry(get_settings().database_url)[1]()
 
 
+def get_session() -> Iterator[Session]:
+    """A request's session (a FastAPI dependency: app.api.deps.SessionDep)."""
+    session = new_session()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """A session that commits when the block succeeds and rolls back when it raises."""

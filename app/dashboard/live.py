@@ -53,11 +53,11 @@ async def job_page_events(job_id: str, after: int = 0) -> AsyncIterator[dict]:
             yield {"event": "end", "data": job.status.value}
 
 
-def list_page(status: JobStatus | None, model: str | None, limit: int, offset: int) -> dict:
-    """One page of the job list, with its count and the links to its neighbours."""
+def list_page(tenant_id: str, status: JobStatus | None, model: str | None, limit: int, offset: int) -> dict:
+    """One page of the tenant's job list, with its count and the links to its neighbours."""
     settings = get_settings()
     with session_scope() as session:
-        rows, total = crud.list_jobs(session, status, limit, offset, model_contains=model)
+        rows, total = crud.list_jobs(session, tenant_id, status, limit, offset, model_contains=model)
         jobs = [JobOut.from_row(row, settings) for row in rows]
     filters = {"status": status.value if status else None, "model": model or None, "limit": limit}
 
@@ -76,11 +76,12 @@ def table_html(listing: dict) -> str:
 
 
 async def job_list_events(
+    tenant_id: str,
     status: JobStatus | None, model: str | None, limit: int, offset: int, poll_interval_s: float = LIST_POLL_INTERVAL_S
 ) -> AsyncIterator[dict]:
     last = None
     while True:
-        html = table_html(await to_thread.run_sync(list_page, status, model, limit, offset))
+        html = table_html(await to_thread.run_sync(list_page, tenant_id, status, model, limit, offset))
         if html != last:
             yield {"event": "table", "data": html}
             last = html

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Form, Header, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sse_starlette import EventSourceResponse
 
@@ -18,7 +18,10 @@ from app.api.deps import SessionDep, SettingsDep
 from app.artifact_store import store_for
 from app.crud import get_job
 from app.dashboard import charts, live
-from app.dashboard.auth import PrincipalDep
+from app.auth import caller_for_key
+from app.dashboard.auth import (
+    ANONYMOUS, API_KEY_COOKIE, COOKIE_MAX_AGE_S, Principal, PrincipalDep, SubmitterPrincipalDep, safe_next, same_origin,
+)
 from app.dashboard.templating import page
 from app.dashboard.views import delta_rows, metric_rows, size_rows, stage_bars, timing_rows
 from app.errors import Problem
@@ -34,8 +37,9 @@ class PageNotFound(Exception):
     """Answered with the dashboard's HTML 404 page (the API answers problem+json)."""
 
 
-def load_job(session, job_id: str) -> Job:
-    job = get_job(session, job_id) if len(job_id) <= 64 else None
+def load_job(session, job_id: str, principal: Principal) -> Job:
+    """The principal's job; another tenant's is "not found", as in the API."""
+    job = get_job(session, job_id, principal.tenant) if len(job_id) <= 64 else None
     if job is None:
         raise PageNotFound(f"No job with id {job_id[:64]}.")
     return job
@@ -52,7 +56,7 @@ def job_list(
 ):
     filters = {k: v for k, v in {"status": status.value if status else "", "model": model or "", "limit": limit}.items() if v}
     return page(
-        request, "jobs.html", principal, **live.list_page(status, model or None, limit, offset), status=status,
+        request, "jobs.html", principal, **live.list_page(principal.tenant, status, model or None, limit, offset), status=status,
         model=model or "", statuses=list(JobStatus), page_sizes=PAGE_SIZES,
         live_url="/jobs/live?" + urlencode({**filters, "offset": offset}),
     )
@@ -66,12 +70,12 @@ def job_list_live(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> EventSourceResponse:
-    return EventSourceResponse(live.job_list_events(status, model or None, limit, offset), ping=15)
+    return EventSourceResponse(live.job_list_events(principal.tenant, status, model or None, limit, offset), ping=15)
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(request: Request, job_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep):
-    job = JobOut.from_row(load_job(session, job_id), settings)
+    job = JobOut.from_row(load_job(session, job_id, principal), settings)
     # the whole stored log (at most job_log_max_lines); the live stream goes on after its last line
     log = [JobLogLine.from_row(row) for row in joblog.read(session, job.id, limit=None)]
     return page(request, "job.html", principal, job=job, bars=stage_bars(job), log=log,
@@ -88,15 +92,15 @@ def job_live(
 ) -> EventSourceResponse:
     """`after`: the page's last log line; a reconnecting browser's Last-Event-ID (the last
     line it received) goes further."""
-    job = load_job(session, job_id)
+    job = load_job(session, job_id, principal)
     if last_event_id is not None and last_event_id.isdigit():
         after = max(after, int(last_event_id))
     return EventSourceResponse(live.job_page_events(job.id, after), ping=15)
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel(job_id: str, principal: PrincipalDep, session: SessionDep):
-    job = load_job(session, job_id)
+def cancel(job_id: str, principal: SubmitterPrincipalDep, session: SessionDep):
+    job = load_job(session, job_id, principal)
     try:
         jobs.cancel(session, job)
     except Problem:  # finished meanwhile: the job page shows how it ended
@@ -106,7 +110,7 @@ def cancel(job_id: str, principal: PrincipalDep, session: SessionDep):
 
 @router.get("/jobs/{job_id}/report", response_class=HTMLResponse)
 def report_page(request: Request, job_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep):
-    row = load_job(session, job_id)
+    row = load_job(session, job_id, principal)
     job = JobOut.from_row(row, settings)
     if job.status != JobStatus.SUCCEEDED:
         return page(request, "report_missing.html", principal, status_code=409, job=job)
@@ -129,8 +133,8 @@ def download(
     range: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The artifact through the dashboard's own route, so a download passes the same
-    `current_principal` as the pages (the API's route will take the API key instead)."""
-    job = load_job(session, job_id)
+    `current_principal` as the pages (the API's route takes the key from a header instead)."""
+    job = load_job(session, job_id, principal)
     return artifacts.artifact_response(store_for(settings), artifacts.find_artifact(job, format), range)
 
 
@@ -145,7 +149,7 @@ def compare(
     ids = list(dict.fromkeys(id))[:MAX_COMPARED]  # each job once, in the order chosen
     columns = []
     for job_id in ids:
-        row = load_job(session, job_id)
+        row = load_job(session, job_id, principal)
         report = row.report if row.status == JobStatus.SUCCEEDED else None
         columns.append({
             "job": JobOut.from_row(row, settings), "report": report,
@@ -165,8 +169,39 @@ def compare(
 
 
 @router.get("/sign-in", response_class=HTMLResponse)
-def sign_in(request: Request, principal: PrincipalDep):
-    return page(request, "sign_in.html", principal)
+def sign_in(request: Request, next: Annotated[str | None, Query(max_length=2000)] = None):
+    return page(request, "sign_in.html", ANONYMOUS, next=safe_next(next))
+
+
+@router.post("/sign-in", response_class=HTMLResponse)
+def sign_in_with_key(
+    request: Request,
+    session: SessionDep,
+    api_key: Annotated[str, Form(max_length=512)] = "",
+    next: Annotated[str, Form(max_length=2000)] = "/",
+):
+    """Check the key as the API would, then keep it in the HttpOnly cookie."""
+    if not same_origin(request):
+        return page(request, "sign_in.html", ANONYMOUS, status_code=403, next=safe_next(next),
+                    error="This form was sent from another site; sign in from this page.")
+    caller = caller_for_key(session, api_key.strip())
+    if caller is None:
+        return page(request, "sign_in.html", ANONYMOUS, status_code=401, next=safe_next(next),
+                    error="That API key is not valid here: it was revoked, mistyped, or issued by another service.")
+    response = RedirectResponse(safe_next(next), status_code=303)
+    response.set_cookie(
+        API_KEY_COOKIE, api_key.strip(), max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="strict",
+        secure=request.url.scheme == "https", path="/",
+    )
+    return response
+
+
+@router.post("/sign-out")
+def sign_out(request: Request):
+    response = RedirectResponse("/sign-in", status_code=303)
+    if same_origin(request):  # another site must not be able to sign people out either
+        response.delete_cookie(API_KEY_COOKIE, path="/", httponly=True, samesite="strict")
+    return response
 
 
 def _union(dicts) -> list[str]:

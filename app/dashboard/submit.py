@@ -18,7 +18,7 @@ from starlette.datastructures import FormData
 from app import crud, jobs, uploads
 from app.api.deps import SessionDep, SettingsDep
 from app.dashboard import forms
-from app.dashboard.auth import Principal, PrincipalDep
+from app.dashboard.auth import Principal, PrincipalDep, SubmitterPrincipalDep
 from app.dashboard.templating import page
 from app.errors import Problem
 from app.models import Dataset, DatasetKind, UploadedModel
@@ -39,7 +39,7 @@ async def form_data(request: Request) -> FormData:
 @router.get("/jobs/new", response_class=HTMLResponse)
 def new_job(
     request: Request,
-    principal: PrincipalDep,
+    principal: SubmitterPrincipalDep,
     session: SessionDep,
     kind: Annotated[str, Query(pattern="^(recipe|classic)$")] = "recipe",
     model: Annotated[str | None, Query(max_length=64)] = None,
@@ -64,7 +64,7 @@ def recipe_editor(
 @router.post("/jobs/new", response_class=HTMLResponse)
 def submit_job(
     request: Request,
-    principal: PrincipalDep,
+    principal: SubmitterPrincipalDep,
     session: SessionDep,
     settings: SettingsDep,
     form: Annotated[FormData, Depends(form_data)],
@@ -77,7 +77,7 @@ def submit_job(
         return _form(request, principal, session, values)
     try:
         job_request = forms.build_request(values)
-        job, _ = jobs.submit(session, job_request, values.get("idempotency_key") or None, settings)
+        job, _ = jobs.submit(session, job_request, values.get("idempotency_key") or None, settings, principal.tenant)
     except forms.FormErrors as errors:
         return _form(request, principal, session, values, errors, status_code=422)
     except Problem as problem:
@@ -88,10 +88,10 @@ def submit_job(
 
 
 @router.post("/uploads/model", response_class=HTMLResponse)
-async def upload_model(request: Request, principal: PrincipalDep, session: SessionDep, settings: SettingsDep):
+async def upload_model(request: Request, principal: SubmitterPrincipalDep, session: SessionDep, settings: SettingsDep):
     """Multipart: `file`, `config` and `name`, handed whole to the API's upload code."""
     try:
-        model = await uploads.receive_model(request, session, settings)
+        model = await uploads.receive_model(request, session, settings, principal.tenant)
     except Problem as problem:
         return _upload_failed(request, principal, session, "model", problem)
     query = urlencode({"kind": "classic", "model": f"upload:{model.id}", "uploaded": f"model {model.name}"})
@@ -99,9 +99,9 @@ async def upload_model(request: Request, principal: PrincipalDep, session: Sessi
 
 
 @router.post("/uploads/dataset", response_class=HTMLResponse)
-async def upload_dataset(request: Request, principal: PrincipalDep, session: SessionDep, settings: SettingsDep):
+async def upload_dataset(request: Request, principal: SubmitterPrincipalDep, session: SessionDep, settings: SettingsDep):
     try:
-        dataset = await uploads.receive_dataset(request, session, settings)
+        dataset = await uploads.receive_dataset(request, session, settings, principal.tenant)
     except Problem as problem:
         return _upload_failed(request, principal, session, "dataset", problem)
     query = urlencode({"kind": "classic", "uploaded": f"dataset {dataset.name}"})
@@ -117,8 +117,8 @@ def _upload_failed(request: Request, principal: Principal, session, what: str, p
 
 def _form(request: Request, principal: Principal, session, values: dict[str, Any], errors: forms.FormErrors | None = None,
           status_code: int = 200, notice: str | None = None) -> HTMLResponse:
-    models, _ = crud.list_uploads(session, UploadedModel, UPLOADS_SHOWN, 0)
-    datasets, _ = crud.list_uploads(session, Dataset, UPLOADS_SHOWN, 0)
+    models, _ = crud.list_uploads(session, UploadedModel, principal.tenant, UPLOADS_SHOWN, 0)
+    datasets, _ = crud.list_uploads(session, Dataset, principal.tenant, UPLOADS_SHOWN, 0)
     kind = values.get("kind", "recipe")
     presets = {name: spec["description"] for name, spec in PRESETS.items()} if kind == "recipe" else \
         {name: f"a {name} job with every option at its default" for name in forms.CLASSIC_SPECS}

@@ -8,14 +8,27 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
+from app import tenants
 from app.core.db import session_scope
-from app.models import Job
+from app.dashboard.auth import API_KEY_COOKIE
+from app.models import DEFAULT_TENANT, Job, Scope
+
 
 @pytest.fixture
-def client(settings):
+def api_key(settings) -> str:
+    """An admin key of the default tenant, as `qforge serve` makes on the embedded default."""
+    with session_scope() as session:
+        return tenants.create_key(session, DEFAULT_TENANT, Scope.ADMIN, "tests").secret
+
+
+@pytest.fixture
+def client(settings, api_key):
+    """Signed in both ways: the key in the Authorization header (the API) and in the
+    dashboard's cookie (its pages)."""
     from app.main import app
 
-    with TestClient(app) as test_client:
+    with TestClient(app, headers={"Authorization": f"Bearer {api_key}"}) as test_client:
+        test_client.cookies.set(API_KEY_COOKIE, api_key)
         yield test_client
 
 

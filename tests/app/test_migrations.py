@@ -74,3 +74,25 @@ def test_job_log_migration_downgrades_and_upgrades(settings):
         (["job_id"], "jobs", "CASCADE")
     ]
     assert indexes == {"ix_job_log_job_id": ["job_id", "id"]}
+
+
+def test_tenants_migration_gives_existing_rows_to_the_default_tenant(settings):
+    from sqlalchemy import text
+
+    config = _alembic_config(settings.database_url)
+    command.downgrade(config, "0005")
+    with get_engine().begin() as connection:
+        assert "tenants" not in inspect(connection).get_table_names()
+        connection.execute(text(
+            "INSERT INTO jobs (id, status, model, recipe, request, progress_current, progress_total, progress_percent, "
+            "progress_message, cancel_requested, attempts, created_at, updated_at, idempotency_key) VALUES "
+            "('j1', 'queued', 'bundled:smollm2-135m', '{}', '{}', 0, 0, 0, '', 0, 0, '2026-01-01', '2026-01-01', 'k')"
+        ))
+    command.upgrade(config, "head")
+    with get_engine().begin() as connection:
+        assert connection.execute(text("SELECT id FROM tenants")).scalars().all() == ["default"]
+        assert connection.execute(text("SELECT tenant_id FROM jobs WHERE id = 'j1'")).scalar() == "default"
+        uniques = {u["name"]: u["column_names"] for u in inspect(connection).get_unique_constraints("jobs")}
+        foreign = {f["referred_table"] for f in inspect(connection).get_foreign_keys("datasets")}
+    assert uniques == {"uq_jobs_tenant_idempotency_key": ["tenant_id", "idempotency_key"]}
+    assert foreign == {"tenants"}

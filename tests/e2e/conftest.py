@@ -22,6 +22,9 @@ SERVICE_ENV = (
     "QFORGE_DATABASE_URL", "QFORGE_BROKER_URL", "QFORGE_ARTIFACT_DIR", "QFORGE_ARTIFACT_URL", "QFORGE_S3_ENDPOINT_URL",
     "QFORGE_HOST", "QFORGE_PORT",
 )
+# The admin key of the default tenant that every service these fixtures start makes sure
+# exists (QFORGE_BOOTSTRAP_API_KEY), and that the clients they return send.
+TEST_API_KEY = "qf_e2e-test-key-0123456789abcdefghijklmnopqrstuvwxyz"
 INSTALL_HINT = "install them with `apt-get install -y postgresql redis-server` (scripts/test.sh does this as root)"
 
 
@@ -42,12 +45,13 @@ class Service:
     def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = env.get("QFORGE_BOOTSTRAP_API_KEY", TEST_API_KEY)
         self.log_path = data_dir.parent / f"serve-{self.port}.log"
         environ = {k: v for k, v in os.environ.items() if k not in SERVICE_ENV}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [*_qforge_command(), "serve", "--port", str(self.port), "--data-dir", str(data_dir)],
-                env={**environ, **env},
+                env={**environ, "QFORGE_BOOTSTRAP_API_KEY": TEST_API_KEY, **env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -88,7 +92,7 @@ def start_service(tmp_path_factory):
         service = Service(tmp_path_factory.mktemp("qforge") / "data", env or {})
         started.append(service)
         service.wait_ready()
-        return httpx.Client(base_url=service.url, timeout=30)
+        return httpx.Client(base_url=service.url, timeout=30, headers={"Authorization": f"Bearer {service.api_key}"})
 
     yield start
     for service in started:

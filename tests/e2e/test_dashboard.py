@@ -19,6 +19,7 @@ import pytest
 from pydantic import ValidationError
 
 from quantcore.recipe import Recipe, preset
+from tests.e2e.conftest import TEST_API_KEY
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -63,12 +64,50 @@ def client(start_service):
     return start_service()
 
 
+def sign_in(page, key: str, start: str = "/") -> None:
+    """As a person would: open a page, get sent to the sign-in form, type the key."""
+    page.goto(start)
+    page.wait_for_url(re.compile(r"/sign-in"))
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+
+
 @pytest.fixture
 def page(browser, client):
+    from playwright.sync_api import expect
+
     context = browser.new_context(base_url=str(client.base_url), viewport=LAPTOP, accept_downloads=True)
     page = context.new_page()
+    sign_in(page, TEST_API_KEY)
+    expect(page.get_by_role("heading", level=1)).to_have_text(re.compile("Jobs"))
     yield page
     context.close()
+
+
+def test_signing_in_with_a_wrong_key_then_the_right_one(browser, client):
+    from playwright.sync_api import expect
+
+    context = browser.new_context(base_url=str(client.base_url), viewport=LAPTOP)
+    page = context.new_page()
+    try:
+        sign_in(page, "qf_wrong-" + "0" * 40, start="/jobs/new")
+        expect(page.get_by_role("alert")).to_contain_text("not valid")
+        screenshot(page, "sign-in-error")
+        cookies = context.cookies()
+        assert all(c["name"] != "qforge_api_key" for c in cookies)
+        page.get_by_label("API key").fill(TEST_API_KEY)
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url(re.compile(r"/jobs/new$"))  # back where the visitor was going
+        expect(page.locator("header.site")).to_contain_text("Tenant default")
+        cookie = next(c for c in context.cookies() if c["name"] == "qforge_api_key")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        assert page.evaluate("document.cookie").find("qforge_api_key") == -1  # scripts cannot read it
+        page.get_by_role("button", name="Sign out").click()
+        page.wait_for_url(re.compile(r"/sign-in"))
+        page.goto("/")
+        page.wait_for_url(re.compile(r"/sign-in"))
+    finally:
+        context.close()
 
 
 def screenshot(page, name: str) -> None:

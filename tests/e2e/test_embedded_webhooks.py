@@ -85,10 +85,11 @@ def test_finished_jobs_post_signed_events_and_a_500_is_retried(client, webhook_r
     assert event["job"]["id"] == job["id"] and event["job"]["status"] == "succeeded" and event["job"]["error"] is None
     assert event["job"]["finished_at"].replace("Z", "+00:00") == finished["finished_at"].replace("Z", "+00:00")
     assert event["artifacts"][0]["sha256"] == finished["artifact"]["sha256"]
-    # the links lead back to this service
-    report = httpx.get(event["links"]["report"], timeout=30)
+    # the links lead back to this service (for a holder of the tenant's key: the event names no secret)
+    report = httpx.get(event["links"]["report"], timeout=30, headers=client.headers)
     assert report.status_code == 200 and report.json() == client.get(f"/v1/jobs/{job['id']}/report").json()
-    head = httpx.get(event["links"]["artifact"], headers={"Range": "bytes=0-0"}, timeout=30)
+    assert httpx.get(event["links"]["report"], timeout=30).status_code == 401
+    head = httpx.get(event["links"]["artifact"], headers={**client.headers, "Range": "bytes=0-0"}, timeout=30)
     assert head.status_code == 206 and head.headers["x-checksum-sha256"] == finished["artifact"]["sha256"]
 
     for job_id in (job["id"], behind["id"]):  # the retry is recorded with the job

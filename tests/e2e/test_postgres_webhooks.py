@@ -9,7 +9,7 @@ from sqlalchemy import delete, update
 
 from app import crud
 from app.core.db import _alembic_config, get_engine, new_session, session_scope
-from app.models import Base, Job, JobStatus, WebhookDelivery, WebhookState, utcnow
+from app.models import DEFAULT_TENANT, Base, Job, JobStatus, WebhookDelivery, WebhookState, utcnow
 from qforge.webhooks import verify_webhook
 from quantcore.job import JobRequest
 from worker import webhooks
@@ -32,7 +32,8 @@ def test_webhooks_migrate_and_deliver_on_postgres(settings, webhook_receiver):
 
     receiver = webhook_receiver([503, 200])
     with new_session() as session:
-        job, _ = crud.create_job(session, JobRequest(model="bundled:smollm2-135m", recipe="w4a16-rtn-g64"), None, receiver.url)
+        request = JobRequest(model="bundled:smollm2-135m", recipe="w4a16-rtn-g64")
+        job, _ = crud.create_job(session, request, None, receiver.url, tenant_id=DEFAULT_TENANT)
     with session_scope() as session:
         session.execute(update(Job).where(Job.id == job.id).values(status=JobStatus.FAILED, error="boom", finished_at=utcnow()))
     assert webhooks.dispatch_due() == 1

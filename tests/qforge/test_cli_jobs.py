@@ -32,6 +32,7 @@ def env(tmp_path_factory, live_server) -> dict[str, str]:
     script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m qforge.cli "$@"\n')
     script.chmod(0o755)
     environ = {k: v for k, v in os.environ.items() if k not in ("QFORGE_SERVER", "QFORGE_API_KEY")}
+    environ["QFORGE_API_KEY"] = TEST_API_KEY  # the live server's admin key
     pythonpath = os.pathsep.join(p for p in (str(ROOT), environ.get("PYTHONPATH")) if p)
     return {**environ, "PATH": f"{bin_dir}{os.pathsep}{environ['PATH']}", "PYTHONPATH": pythonpath,
             "QFORGE_SERVER": live_server}

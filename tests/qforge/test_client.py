@@ -29,6 +29,9 @@ from qforge.client import (
 )
 from quantcore.job import STAGES
 from quantcore.recipe import PRESETS, preset
+from tests.e2e.conftest import TEST_API_KEY
+
+AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}  # for the raw httpx calls beside the SDK
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -69,7 +72,7 @@ def test_submit_wait_report_download(qf, live_server, finished, tmp_path):
     path = qf.download(job.id, tmp_path)
     assert path == tmp_path / f"qforge-{job.id}.tar" and sorted(tmp_path.iterdir()) == [path]  # no .part left
     data = path.read_bytes()
-    with httpx.stream("GET", f"{live_server}/v1/jobs/{job.id}/artifact") as response:
+    with httpx.stream("GET", f"{live_server}/v1/jobs/{job.id}/artifact", headers=AUTH) as response:
         header = response.headers["x-checksum-sha256"]
     assert sha256(data) == job.artifact.sha256 == header and len(data) == job.artifact.bytes
     with tarfile.open(path) as tar:
@@ -94,7 +97,7 @@ def test_a_partial_download_is_resumed_and_a_corrupt_one_is_refused(live_server,
     _, job, _ = finished
     target = tmp_path / "model.tar"
     part = tmp_path / f"model.tar.{job.artifact.sha256[:16]}.part"
-    whole = httpx.get(f"{live_server}/v1/jobs/{job.id}/artifact").content
+    whole = httpx.get(f"{live_server}/v1/jobs/{job.id}/artifact", headers=AUTH).content
     part.write_bytes(whole[:1_000_000])  # as an interrupted download leaves it
     transport = Recording()
     with Client(live_server, transport=transport) as client:

@@ -8,7 +8,7 @@ from sqlalchemy import update
 
 from app import crud
 from app.core.db import new_session, session_scope
-from app.models import Job
+from app.models import DEFAULT_TENANT, Job
 from quantcore.job import JobRequest
 
 @pytest.fixture
@@ -20,7 +20,8 @@ def service_env() -> dict[str, str]:
 def new_job(settings):
     def create(**values) -> str:
         with new_session() as session:
-            job, _ = crud.create_job(session, JobRequest(model="bundled:smollm2-135m", recipe="w4a16-rtn-g64"), None)
+            request = JobRequest(model="bundled:smollm2-135m", recipe="w4a16-rtn-g64")
+            job, _ = crud.create_job(session, request, None, tenant_id=DEFAULT_TENANT)
         if values:
             with session_scope() as session:
                 session.execute(update(Job).where(Job.id == job.id).values(**values))

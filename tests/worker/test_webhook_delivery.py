@@ -17,7 +17,7 @@ from sqlalchemy import update
 from app import crud
 from app.core.config import get_settings
 from app.core.db import new_session, session_scope
-from app.models import Job, JobStatus, WebhookDelivery, WebhookState, utcnow
+from app.models import DEFAULT_TENANT, Job, JobStatus, WebhookDelivery, WebhookState, utcnow
 from qforge.webhooks import verify_webhook
 from quantcore.job import JobRequest
 from worker import webhooks
@@ -44,7 +44,8 @@ def finished_job(settings):
 
     def create(url: str, status: JobStatus = JobStatus.SUCCEEDED, **values) -> str:
         with new_session() as session:
-            job, _ = crud.create_job(session, JobRequest(model="bundled:smollm2-135m", recipe="w4a16-rtn-g64"), None, url)
+            request = JobRequest(model="bundled:smollm2-135m", recipe="w4a16-rtn-g64")
+            job, _ = crud.create_job(session, request, None, url, tenant_id=DEFAULT_TENANT)
         if status.terminal:
             values = {"finished_at": utcnow(), "started_at": utcnow(), "attempts": 1, **values}
         with session_scope() as session:

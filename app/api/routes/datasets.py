@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app import crud, uploads
 from app.api.deps import DatasetDep, SessionDep, SettingsDep
-from app.models import Dataset
 from app.schemas import DatasetOut, DatasetPage
+from app.auth import CallerDep, SubmitterDep, authenticate, require
+from app.models import Dataset, Scope
 from app.upload_stream import form_schema
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], dependencies=[Depends(authenticate)])
 
 FORM = form_schema(
     'an .npz (arrays x and optional integer labels y) or a .jsonl file ({"x": [...], "y": 3} or {"text": "..."} '
@@ -23,10 +24,10 @@ FORM = form_schema(
 
 @router.post("", status_code=201, response_model=DatasetOut, openapi_extra=FORM)
 async def upload_dataset(
-    request: Request, session: SessionDep, settings: SettingsDep, response: Response
+    request: Request, session: SessionDep, settings: SettingsDep, caller: SubmitterDep, response: Response
 ) -> DatasetOut:
     """Multipart form: `file` and an optional `name`. The file is checked before it is stored."""
-    dataset = await uploads.receive_dataset(request, session, settings)
+    dataset = await uploads.receive_dataset(request, session, settings, caller.tenant_id)
     response.headers["Location"] = f"/v1/datasets/{dataset.id}"
     return DatasetOut.from_row(dataset)
 
@@ -34,10 +35,11 @@ async def upload_dataset(
 @router.get("", response_model=DatasetPage)
 def list_datasets(
     session: SessionDep,
+    caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> DatasetPage:
-    items, total = crud.list_uploads(session, Dataset, limit, offset)
+    items, total = crud.list_uploads(session, Dataset, caller.tenant_id, limit, offset)
     return DatasetPage(items=[DatasetOut.from_row(d) for d in items], total=total, limit=limit, offset=offset)
 
 
@@ -46,6 +48,6 @@ def get_dataset(dataset: DatasetDep) -> DatasetOut:
     return DatasetOut.from_row(dataset)
 
 
-@router.delete("/{dataset_id}", status_code=204)
+@router.delete("/{dataset_id}", status_code=204, dependencies=[Depends(require(Scope.SUBMIT))])
 def delete_dataset(dataset: DatasetDep, session: SessionDep, settings: SettingsDep) -> None:
     uploads.delete(session, settings, dataset)

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 from sse_starlette import EventSourceResponse
 
 from app import artifacts, crud, joblog, jobs, try_model
 from app.artifact_store import ArtifactStoreError, store_for
 from app.api.deps import JobDep, SessionDep, SettingsDep
+from app.auth import CallerDep, SubmitterDep, authenticate, require
 from app.errors import validation_problem
 from app.events import job_events
-from app.models import JobStatus
+from app.models import JobStatus, Scope
 from app.schemas import ArtifactLink, ArtifactLinkRequest, JobLogLine, JobLogPage, JobOut, JobPage
 from app.try_model import TryRequest
 from app.webhooks import SubmissionSpec
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(authenticate)])
+# on the routes that change something, beside the read access every route needs
+SUBMIT = [Depends(require(Scope.SUBMIT))]
 
 
 @router.post("", status_code=202, response_model=JobOut)
@@ -26,10 +29,11 @@ def submit_job(
     request: SubmissionSpec,
     session: SessionDep,
     settings: SettingsDep,
+    caller: SubmitterDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobOut:
-    job, created = jobs.submit(session, request, idempotency_key, settings)
+    job, created = jobs.submit(session, request, idempotency_key, settings, caller.tenant_id)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
@@ -40,11 +44,12 @@ def submit_job(
 def list_jobs(
     session: SessionDep,
     settings: SettingsDep,
+    caller: CallerDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> JobPage:
-    items, total = crud.list_jobs(session, status, limit, offset)
+    items, total = crud.list_jobs(session, caller.tenant_id, status, limit, offset)
     return JobPage(items=[JobOut.from_row(j, settings) for j in items], total=total, limit=limit, offset=offset)
 
 
@@ -100,7 +105,7 @@ def link_artifact(job: JobDep, settings: SettingsDep, request: Request, body: Ar
     return ArtifactLink(url=url, expires_at=expires_at, format=artifact.format, sha256=artifact.sha256, bytes=artifact.bytes)
 
 
-@router.delete("/{job_id}/artifacts", response_model=JobOut)
+@router.delete("/{job_id}/artifacts", response_model=JobOut, dependencies=SUBMIT)
 def delete_artifacts(job: JobDep, session: SessionDep, settings: SettingsDep) -> JobOut:
     """Delete every artifact of a finished job from the store; the job and its report stay.
     Repeating it is harmless."""
@@ -113,7 +118,7 @@ def delete_artifacts(job: JobDep, session: SessionDep, settings: SettingsDep) ->
     return JobOut.from_row(job, settings)
 
 
-@router.post("/{job_id}/try")
+@router.post("/{job_id}/try", dependencies=SUBMIT)
 def try_job(job: JobDep, settings: SettingsDep, body: TryRequest | None = None) -> dict[str, Any]:
     """Generate with the job's quantized LLM on the fast CPU paths: the text, prefill time and
     decode tokens/s (with `compare_float`, the float source model's beside it). Runs in the
@@ -122,7 +127,7 @@ def try_job(job: JobDep, settings: SettingsDep, body: TryRequest | None = None) 
     return try_model.try_job(settings, job, body or TryRequest())
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
+@router.post("/{job_id}/cancel", response_model=JobOut, dependencies=SUBMIT)
 def cancel_job(job: JobDep, session: SessionDep, settings: SettingsDep, response: Response) -> JobOut:
     """A queued job is cancelled at once (200); a running one stops at its worker's next
     progress report (202, `cancel_requested` set)."""

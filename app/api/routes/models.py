@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app import crud, uploads
 from app.api.deps import SessionDep, SettingsDep, UploadedModelDep
-from app.models import UploadedModel
 from app.schemas import ModelOut, ModelPage
+from app.auth import CallerDep, SubmitterDep, authenticate, require
+from app.models import Scope, UploadedModel
 from app.upload_stream import form_schema
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(authenticate)])
 
 FORM = form_schema(
     "a .safetensors checkpoint; pickles (.pt, .pth, .bin, .ckpt, torch.save output) are refused with 415",
@@ -23,9 +24,11 @@ FORM = form_schema(
 
 
 @router.post("", status_code=201, response_model=ModelOut, openapi_extra=FORM)
-async def upload_model(request: Request, session: SessionDep, settings: SettingsDep, response: Response) -> ModelOut:
+async def upload_model(
+    request: Request, session: SessionDep, settings: SettingsDep, caller: SubmitterDep, response: Response
+) -> ModelOut:
     """Multipart form: `file`, `config` and an optional `name`. The file is checked before it is stored."""
-    model = await uploads.receive_model(request, session, settings)
+    model = await uploads.receive_model(request, session, settings, caller.tenant_id)
     response.headers["Location"] = f"/v1/models/{model.id}"
     return ModelOut.from_row(model)
 
@@ -33,10 +36,11 @@ async def upload_model(request: Request, session: SessionDep, settings: Settings
 @router.get("", response_model=ModelPage)
 def list_models(
     session: SessionDep,
+    caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> ModelPage:
-    items, total = crud.list_uploads(session, UploadedModel, limit, offset)
+    items, total = crud.list_uploads(session, UploadedModel, caller.tenant_id, limit, offset)
     return ModelPage(items=[ModelOut.from_row(m) for m in items], total=total, limit=limit, offset=offset)
 
 
@@ -45,6 +49,6 @@ def get_model(model: UploadedModelDep) -> ModelOut:
     return ModelOut.from_row(model)
 
 
-@router.delete("/{model_id}", status_code=204)
+@router.delete("/{model_id}", status_code=204, dependencies=[Depends(require(Scope.SUBMIT))])
 def delete_model(model: UploadedModelDep, session: SessionDep, settings: SettingsDep) -> None:
     uploads.delete(session, settings, model)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
+from app.auth import authenticate
 from app.schemas import Preset
 from quantcore.recipe import list_presets
 
-router = APIRouter(prefix="/v1/recipes", tags=["recipes"])
+router = APIRouter(prefix="/v1/recipes", tags=["recipes"], dependencies=[Depends(authenticate)])
 
 
 @router.get("/presets", response_model=list[Preset])

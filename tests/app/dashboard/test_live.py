@@ -7,7 +7,7 @@ import anyio
 from app import joblog
 from app.core.db import session_scope
 from app.dashboard import live
-from app.models import JobStatus, LogLevel
+from app.models import DEFAULT_TENANT, JobStatus, LogLevel
 
 
 def first_events(stream, count: int, between=None) -> list[dict]:
@@ -99,7 +99,7 @@ def test_a_running_job_streams_each_change_and_new_log_line_until_it_ends(submit
 
 def test_the_list_stream_sends_the_table_when_a_job_on_it_changes(submit, set_job, settings, html):
     job_id = submit().json()["id"]
-    stream = live.job_list_events(None, None, 20, 0, poll_interval_s=0.05)
+    stream = live.job_list_events(DEFAULT_TENANT, None, None, 20, 0, poll_interval_s=0.05)
     changed = []
 
     def change(n: int) -> None:
@@ -121,7 +121,7 @@ def test_the_list_stream_is_quiet_while_nothing_changes(submit, settings):
     async def count_events() -> int:
         seen = 0
         with anyio.move_on_after(0.6):  # a dozen polls
-            async for _ in live.job_list_events(None, None, 20, 0, poll_interval_s=0.05):
+            async for _ in live.job_list_events(DEFAULT_TENANT, None, None, 20, 0, poll_interval_s=0.05):
                 seen += 1
         return seen
 

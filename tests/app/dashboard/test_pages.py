@@ -6,7 +6,6 @@ import hashlib
 
 import pytest
 
-from app.dashboard.auth import OPEN_SERVICE, current_principal
 from app.models import JobStatus
 
 
@@ -164,12 +163,3 @@ def test_compare_puts_jobs_side_by_side_on_one_error_scale(client, succeeded_job
     assert len(charts) == 2  # the queued job has no report yet
     tallest = [max(float(r.attrs["height"]) for r in svg.find_all("rect", class_="bar")) for svg in charts]
     assert tallest[1] / tallest[0] == pytest.approx(0.5, rel=1e-3)  # same scale: b's errors are twice a's
-
-
-def test_sign_in_explains_there_are_no_keys_and_pretends_nothing(client, html):
-    page = html(client.get("/sign-in").text)
-    assert "no API keys yet" in page.text
-    assert "disabled" in page.find_all("fieldset")[0].attrs
-    assert page.find_all("label", for_="api-key")
-    assert client.post("/sign-in", data={"api_key": "anything"}).status_code == 405
-    assert current_principal(None) is OPEN_SERVICE and not OPEN_SERVICE.signed_in
