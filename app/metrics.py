@@ -119,9 +119,12 @@ class JobCollector(Collector):
         yield up
 
         jobs = GaugeMetricFamily("qforge_jobs", "Jobs in the database by status", labels=["status"])
-        runs = CounterMetricFamily("qforge_job_attempts", "Runs of jobs started by workers, by the job's status now", labels=["status"])
+        runs = CounterMetricFamily(
+            "qforge_job_attempts", "Runs of jobs started by workers, by the job's status now", labels=["status"]
+        )
         retries = CounterMetricFamily(
-            "qforge_job_retries", "Runs started again after their worker was lost, by the job's status now", labels=["status"]
+            "qforge_job_retries", "Runs started again after their worker was lost, by the job's status now",
+            labels=["status"],
         )
         for status, (n, attempts, restarted) in counts.items():
             jobs.add_metric([status.value], n)
