@@ -19,7 +19,7 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from app import tenants
+from app import logctx, tenants
 from app.core.db import get_session
 from app.errors import Problem
 from app.models import Scope
@@ -62,7 +62,8 @@ def authenticate(
     caller = caller_for_key(session, presented)
     if caller is None:
         raise unauthorized("the API key is not valid: it was revoked, or never issued here")
-    request.state.caller = caller  # for the access log and metrics
+    request.state.caller = caller
+    logctx.bind(tenant_id=caller.tenant_id)  # on the request's log lines, its own included
     return caller
 
 

@@ -7,7 +7,7 @@ import logging
 
 from sqlalchemy.orm import Session
 
-from app import crud, queue, webhooks
+from app import crud, logctx, queue, webhooks
 from app.core.config import Settings
 from app.errors import Problem, validation_problem
 from app.models import Dataset, DatasetKind, Job, JobStatus, UploadedModel
@@ -75,6 +75,7 @@ def submit(
     if callback_url is not None:
         webhooks.check_callback(callback_url, settings)
     job, created = crud.create_job(session, request, idempotency_key, callback_url, tenant_id=tenant_id)
+    logctx.bind(job_id=job.id)  # the request's log lines from here on, its own included
     if not created:
         if (job.request, job.callback_url) != (webhooks.request_data(request), callback_url):
             raise Problem(

@@ -6,8 +6,8 @@ from importlib.metadata import version
 
 from fastapi import FastAPI
 
-from app import dashboard, errors
-from app.api.routes import artifacts, datasets, health, jobs, keys, models, presets
+from app import dashboard, errors, middleware
+from app.api.routes import artifacts, datasets, health, jobs, keys, metrics, models, presets
 
 
 def create_app() -> FastAPI:
@@ -17,7 +17,9 @@ def create_app() -> FastAPI:
         summary="Quantization as a service: submit a model and a recipe, get a quantized artifact and a report.",
     )
     errors.install(app)
+    middleware.install(app)  # request ids, a log line and latency per request
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(jobs.router)
     app.include_router(artifacts.router)
     app.include_router(datasets.router)

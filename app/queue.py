@@ -24,7 +24,14 @@ def enqueue(job_id: str) -> None:
 def check_broker() -> None:
     """Raises when the broker is unreachable: declaring the job queue is a real round trip on
     every transport (for the SQL transport it is a query; for Redis, a command)."""
+    queue_depth()
+
+
+def queue_depth() -> int:
+    """Messages waiting in the job queue, not counting those a worker has taken and not yet
+    acknowledged (the SQL transport's visible rows; Redis's list lengths over the priority
+    steps). Raises when the broker is unreachable."""
     with _connection() as connection:
         connection.ensure_connection(max_retries=1)
         channel = connection.default_channel
-        channel.queue_declare(queue=JOB_QUEUE, durable=True, auto_delete=False)
+        return channel.queue_declare(queue=JOB_QUEUE, durable=True, auto_delete=False).message_count

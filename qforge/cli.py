@@ -41,7 +41,11 @@ def _settings_from(args: argparse.Namespace):
             name = "worker_concurrency" if option == "concurrency" else option
             os.environ[f"QFORGE_{name.upper()}"] = str(value)
     get_settings.cache_clear()
-    return get_settings()
+    settings = get_settings()
+    from app import logctx
+
+    logctx.configure(settings.log_format)  # the service's commands log as QFORGE_LOG_FORMAT says
+    return settings
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -48,9 +48,13 @@ def serve(settings: Settings, with_worker: bool = True) -> int:
             worker, ready = _spawn_worker(settings)
             if not _wait_until_ready(worker, ready):
                 return 1
-        server = uvicorn.Server(
-            uvicorn.Config("app.main:app", host=settings.host, port=settings.port, timeout_graceful_shutdown=5)
+        # log_config=None: uvicorn's lines go through the root logger's format (QFORGE_LOG_FORMAT,
+        # set up by the CLI); no access log: app/middleware.py logs each request with more.
+        config = uvicorn.Config(
+            "app.main:app", host=settings.host, port=settings.port, timeout_graceful_shutdown=5,
+            log_config=None, access_log=False,
         )
+        server = uvicorn.Server(config)
         died = threading.Event()
         if worker is not None:
             threading.Thread(target=_watch, args=(worker, server, died), daemon=True).start()

@@ -57,6 +57,7 @@ SERVICE_ENV = (
     "QFORGE_WEBHOOK_MAX_ATTEMPTS",
     "QFORGE_WEBHOOK_BACKOFF_S",
     "QFORGE_WEBHOOK_POLL_INTERVAL_S",
+    "QFORGE_LOG_FORMAT",
 )
 
 
@@ -123,6 +124,26 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture
+def json_log():
+    """The root logger's records at INFO and above, as app.logctx's JSON lines: call it for
+    the lines written so far, each parsed back (a line that is not one JSON object fails)."""
+    import io
+    import json
+    import logging
+
+    from app.logctx import JsonFormatter
+
+    stream, root = io.StringIO(), logging.getLogger()
+    handler, level = logging.StreamHandler(stream), root.level
+    handler.setFormatter(JsonFormatter())
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    root.removeHandler(handler)
+    root.setLevel(level)
 
 
 class WebhookReceiver:

@@ -72,6 +72,17 @@ def create_celery(settings: Settings) -> Celery:
 celery_app = create_celery(get_settings())
 
 
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _format_logs(logger: logging.Logger, **_) -> None:
+    """Celery sets up the worker's log handlers (level, stdout redirection); the lines take
+    the API's format (QFORGE_LOG_FORMAT), with the job_id bound by the task."""
+    from app import logctx
+
+    for handler in logger.handlers:
+        handler.setFormatter(logctx.formatter(get_settings().log_format))
+
+
 @signals.worker_init.connect
 def _prepare_worker(**_) -> None:
     """Main worker process, before the pool forks."""

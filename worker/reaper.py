@@ -12,6 +12,7 @@ import logging
 
 from celery import bootsteps
 
+from app import logctx
 from app.core.config import get_settings
 
 log = logging.getLogger(__name__)
@@ -28,19 +29,20 @@ def reap_lost_jobs() -> None:
         log.exception("could not look for lost jobs")
         return
     for job in lost:
-        try:
-            if state.may_retry(job, settings):
-                # Sent before the row says queued: a job must never sit queued with no message.
-                # If a worker takes the message first, its claim moves the attempt on and the
-                # requeue below no longer matches the row.
-                celery_app.send_task(RUN_JOB_TASK, args=[job.id], task_id=job.id)
-                state.mark_requeued(job, settings)
-                log.warning("job %s: worker lost during attempt %d, requeued", job.id, job.attempts)
-            else:
-                state.abandon(job, settings)
-                log.warning("job %s: worker lost during attempt %d, not retried", job.id, job.attempts)
-        except Exception:
-            log.exception("job %s: could not recover it from its lost worker", job.id)
+        with logctx.bound(job_id=job.id):  # its lines carry the id as a field too
+            try:
+                if state.may_retry(job, settings):
+                    # Sent before the row says queued: a job must never sit queued with no message.
+                    # If a worker takes the message first, its claim moves the attempt on and the
+                    # requeue below no longer matches the row.
+                    celery_app.send_task(RUN_JOB_TASK, args=[job.id], task_id=job.id)
+                    state.mark_requeued(job, settings)
+                    log.warning("job %s: worker lost during attempt %d, requeued", job.id, job.attempts)
+                else:
+                    state.abandon(job, settings)
+                    log.warning("job %s: worker lost during attempt %d, not retried", job.id, job.attempts)
+            except Exception:
+                log.exception("job %s: could not recover it from its lost worker", job.id)
 
 
 class JobReaper(bootsteps.StartStopStep):

@@ -10,6 +10,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from app import logctx
 from app.artifact_store import ArtifactStoreError, store_for
 from app.core.config import Settings, get_settings
 from worker import state
@@ -21,14 +22,15 @@ log = logging.getLogger(__name__)
 @celery_app.task(name=RUN_JOB_TASK, bind=True, max_retries=None)
 def run_quantization_job(self, job_id: str) -> None:
     """Idempotent: a job that is finished, or held by a live run elsewhere, is not run again."""
-    settings = get_settings()
-    claim = state.claim(job_id, settings)
-    if claim.action is state.Action.WAIT:
-        # A redelivered message while the job's previous run may still be alive: look
-        # again once its heartbeat could have lapsed.
-        raise self.retry(countdown=settings.job_heartbeat_timeout)
-    if claim.action is state.Action.RUN:
-        execute(job_id, claim.attempt, claim.request or {}, settings)
+    with logctx.bound(job_id=job_id):  # every log line of this job's run carries its id
+        settings = get_settings()
+        claim = state.claim(job_id, settings)
+        if claim.action is state.Action.WAIT:
+            # A redelivered message while the job's previous run may still be alive: look
+            # again once its heartbeat could have lapsed.
+            raise self.retry(countdown=settings.job_heartbeat_timeout)
+        if claim.action is state.Action.RUN:
+            execute(job_id, claim.attempt, claim.request or {}, settings)
 
 
 def artifact_file(job_id: str, fmt: str, main: bool) -> str:
@@ -57,14 +59,15 @@ def _discard_archives(settings: Settings, job_id: str) -> None:
 def execute(job_id: str, attempt: int, request_data: dict, settings: Settings) -> None:
     work = settings.work_dir / job_id  # run_job's output_dir; the artifact folders go inside
     _remove(work)  # what an earlier, lost attempt left behind
-    log.info("job %s: attempt %d starting", job_id, attempt)
-    try:
-        _run_and_record(job_id, attempt, request_data, settings, work)
-    except state.LostClaim:
-        # Another run took the job over (this one missed its heartbeats): that run owns the
-        # outcome and these files now, so leave both alone.
-        log.warning("job %s: attempt %d was taken over by another run; stopping", job_id, attempt)
-        return
+    with logctx.bound(job_id=job_id, attempt=attempt):
+        log.info("job %s: attempt %d starting", job_id, attempt)
+        try:
+            _run_and_record(job_id, attempt, request_data, settings, work)
+        except state.LostClaim:
+            # Another run took the job over (this one missed its heartbeats): that run owns the
+            # outcome and these files now, so leave both alone.
+            log.warning("job %s: attempt %d was taken over by another run; stopping", job_id, attempt)
+            return
     _remove(work)
 
 

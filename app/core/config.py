@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     bootstrap_api_key: SecretStr | None = Field(
         None, description="an admin key of the default tenant that `qforge serve` makes sure exists (at least 32 characters)"
     )
+    # text: for a person at a terminal (the embedded `qforge serve`); json: one object a line
+    # for a log pipeline (docker-compose.yml sets it). Both carry job_id, tenant_id, request_id.
+    log_format: Literal["text", "json"] = Field("text", description="API and worker log lines: text or json")
     allow_local_model_paths: bool = Field(False, description="let clients name a model by a path on the worker")
     max_upload_bytes: int = Field(
         256 * 2**20, ge=1, description="largest dataset or model file accepted (and largest an .npz may unpack to)"

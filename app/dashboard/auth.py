@@ -19,6 +19,7 @@ from urllib.parse import quote, urlsplit
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from app import logctx
 from app.auth import caller_for_key
 from app.core.db import get_session
 from app.models import Scope
@@ -64,6 +65,7 @@ def current_principal(request: Request, session: Annotated[Session, Depends(get_
         raise SignInRequired(target if request.method == "GET" else "/")
     principal = Principal(caller.tenant_id, caller.scope)
     request.state.principal = principal
+    logctx.bind(tenant_id=caller.tenant_id)
     return principal
 
 

@@ -42,3 +42,34 @@ def test_serve_exits_non_zero_when_the_worker_cannot_start(tmp_path):
     )
     assert result.returncode != 0
     assert "the worker exited" in result.stderr
+
+
+def test_serve_writes_json_lines_when_asked(tmp_path, closed_port):
+    """uvicorn's own lines and the request lines alike, so a log pipeline reads them all."""
+    import json
+    import signal
+    import time
+
+    import httpx
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QFORGE_") or k == "QFORGE_CACHE_DIR"}
+    env["QFORGE_LOG_FORMAT"] = "json"
+    command = [sys.executable, "-m", "qforge.cli", "serve", "--no-worker", "--port", str(closed_port), "--data-dir", str(tmp_path)]
+    server = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{closed_port}/v1/jobs/{'a' * 32}", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and server.poll() is None, "serve did not start"
+                time.sleep(0.3)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=60)
+    lines = [json.loads(line) for line in stderr.splitlines() if line.strip()]  # every line is one JSON object
+    assert any(line["logger"].startswith("uvicorn") for line in lines)
+    [access] = [line for line in lines if line["logger"] == "qforge.access"]  # and uvicorn's access log is off
+    assert (access["route"], access["status"], access["job_id"]) == ("/v1/jobs/{job_id}", 404, "a" * 32)
+    assert access["request_id"] == response.headers["x-request-id"]

@@ -46,3 +46,15 @@ def test_the_reaper_logs_a_retry_and_giving_up(new_job, settings, monkeypatch):
     with session_scope() as session:
         restarted = joblog.read(session, retry, after=requeued.id)
     assert [(r.message, r.attempt) for r in restarted] == [(f"restarted: attempt 2 of {settings.max_job_attempts}", 2)]
+
+
+def test_the_reapers_log_lines_carry_each_jobs_id(new_job, settings, monkeypatch, json_log):
+    monkeypatch.setattr("worker.celery_app.celery_app.send_task", lambda name, args, task_id: None)
+    stale = utcnow() - dt.timedelta(seconds=120)
+    jobs = {new_job(status=JobStatus.RUNNING, attempts=1, heartbeat_at=stale) for _ in range(2)}
+
+    reaper.reap_lost_jobs()
+
+    lines = [line for line in json_log() if line["logger"] == "worker.reaper"]
+    assert len(lines) == 2 and {line["job_id"] for line in lines} == jobs
+    assert all(line["message"].startswith(f"job {line['job_id']}: worker lost") for line in lines)

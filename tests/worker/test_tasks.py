@@ -252,3 +252,12 @@ def test_a_log_line_that_cannot_be_written_does_not_fail_the_job(run, load_job, 
     monkeypatch.setattr(JobLog, "__init__", broken)
     job = load_job(run(fake_run_job()))
     assert job.status == JobStatus.SUCCEEDED and job_log(job.id) == []
+
+
+def test_every_line_of_a_run_carries_its_job_id_and_attempt(run, new_job, json_log):
+    job_id = new_job()
+    run(fake_run_job(), job_id)
+    lines = [line for line in json_log() if line["logger"].startswith("worker.")]
+    messages = [line["message"] for line in lines]
+    assert messages[0] == f"job {job_id}: attempt 1 starting" and messages[-1].startswith(f"job {job_id}: succeeded")
+    assert all(line["job_id"] == job_id and line["attempt"] == 1 for line in lines)
