@@ -19,7 +19,8 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from app import logctx, tenants
+from app import logctx, quotas, tenants
+from app.core.config import Settings, get_settings
 from app.core.db import get_session
 from app.errors import Problem
 from app.models import Scope
@@ -53,17 +54,20 @@ def caller_for_key(session, presented: str | None) -> Caller | None:
 def authenticate(
     request: Request,
     session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     header_key: Annotated[str | None, Depends(key_header)],
 ) -> Caller:
     presented = credentials.credentials if credentials is not None else header_key
     if not presented:
         raise unauthorized("this call needs an API key: send `Authorization: Bearer <key>`")
-    caller = caller_for_key(session, presented)
-    if caller is None:
+    key = tenants.find_key(session, presented)
+    if key is None:
         raise unauthorized("the API key is not valid: it was revoked, or never issued here")
+    caller = Caller(key.tenant_id, key.id, key.scope)
     request.state.caller = caller
     logctx.bind(tenant_id=caller.tenant_id)  # on the request's log lines, its own included
+    quotas.check_rate(key.tenant, key.tenant_id, settings)
     return caller
 
 

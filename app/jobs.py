@@ -7,7 +7,7 @@ import logging
 
 from sqlalchemy.orm import Session
 
-from app import crud, logctx, queue, webhooks
+from app import crud, logctx, queue, quotas, webhooks
 from app.core.config import Settings
 from app.errors import Problem, validation_problem
 from app.models import Dataset, DatasetKind, Job, JobStatus, UploadedModel
@@ -74,6 +74,8 @@ def submit(
     callback_url = getattr(request, "callback_url", None)
     if callback_url is not None:
         webhooks.check_callback(callback_url, settings)
+    if not (idempotency_key and crud.find_by_idempotency_key(session, idempotency_key, tenant_id)):
+        quotas.check_submission(session, tenant_id, settings)  # a replay is not a new job: never refused
     job, created = crud.create_job(session, request, idempotency_key, callback_url, tenant_id=tenant_id)
     logctx.bind(job_id=job.id)  # the request's log lines from here on, its own included
     if not created:

@@ -131,6 +131,10 @@ class Tenant(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Quotas (app.quotas); None: the service's default (Settings.tenant_*)
+    max_active_jobs: Mapped[int | None] = mapped_column(Integer)  # queued + running at once
+    max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger)  # uploads + artifacts kept
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)  # API calls, all the tenant's keys together
 
 
 class ApiKey(Base):
@@ -150,6 +154,8 @@ class ApiKey(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # joined: every call's key check also needs the tenant's limits, in the same query
+    tenant: Mapped[Tenant] = relationship(lazy="joined")
 
 
 class Job(Base):
@@ -175,6 +181,8 @@ class Job(Base):
     artifact_path: Mapped[str | None] = mapped_column(String(1024))  # relative to Settings.artifact_dir
     artifact_sha256: Mapped[str | None] = mapped_column(String(64))
     artifact_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # every exported format's archive together (what the tenant's storage quota counts)
+    artifacts_total_bytes: Mapped[int | None] = mapped_column(BigInteger)
     # Set when the job's artifacts were removed from the store (the row and report stay).
     artifacts_deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     artifacts_deleted_reason: Mapped[str | None] = mapped_column(String(32))  # "request" or "retention"

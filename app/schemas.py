@@ -237,3 +237,5 @@ class Identity(BaseModel):
     tenant: str
     key_id: str
     scope: Scope
+    limits: dict[str, int] = Field(description="max_active_jobs, max_stored_bytes, requests_per_minute (0: none)")
+    usage: dict[str, int] = Field(description="active_jobs (queued or running), stored_bytes (uploads and artifacts)")

@@ -133,6 +133,22 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
+async def receive_within_quota(kind: str, request: Request, session: Session, settings: Settings, tenant_id: str) -> Row:
+    """receive_dataset / receive_model, inside the tenant's storage quota (app.quotas): refused
+    from the request's Content-Length before the body is read, else once it is in (and removed)."""
+    from app import quotas
+
+    quotas.check_upload(session, tenant_id, settings, int(request.headers.get("content-length") or 0))
+    receive = receive_dataset if kind == "dataset" else receive_model
+    row = await receive(request, session, settings, tenant_id)
+    try:
+        quotas.check_upload(session, tenant_id, settings, 0)  # the new row counts now
+    except Exception:
+        await run_in_threadpool(delete, session, settings, row)
+        raise
+    return row
+
+
 def delete(session: Session, settings: Settings, row: Dataset | UploadedModel) -> None:
     """Forget the row, then remove its folder (a crash in between leaves only an unreferenced folder)."""
     folder = settings.data_dir / Path(row.path).parent

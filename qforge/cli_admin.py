@@ -2,6 +2,7 @@
 database is reachable (QFORGE_DATABASE_URL, or the embedded default under --data-dir).
 
     qforge admin tenant create acme
+    qforge admin tenant quota acme --max-active-jobs 5 --max-stored-bytes 10GiB --requests-per-minute 600
     qforge admin key create --tenant acme --scope submit --name ci   # prints the key, once
     qforge admin key list --tenant acme
     qforge admin key revoke <key id>
@@ -29,6 +30,14 @@ def add_command(commands, data_dir_option) -> None:
     create.add_argument("tenant")
     data_dir_option(create)
     create.set_defaults(func=cmd_tenant_create)
+    quota = tenant.add_parser("quota", help="show or set a tenant's own limits (unset ones: the service's defaults)")
+    quota.add_argument("tenant")
+    quota.add_argument("--max-active-jobs", type=_count, help="jobs queued or running at once")
+    quota.add_argument("--max-stored-bytes", type=_size, help="bytes of uploads and artifacts kept, e.g. 500MiB, 20GiB")
+    quota.add_argument("--requests-per-minute", type=_count, help="API calls a minute (0: no limit)")
+    quota.add_argument("--reset", action="store_true", help="back to the service's defaults, then apply the others")
+    data_dir_option(quota)
+    quota.set_defaults(func=cmd_tenant_quota)
     listing = tenant.add_parser("list", help="every tenant, with its live keys")
     data_dir_option(listing)
     listing.set_defaults(func=cmd_tenant_list)
@@ -69,6 +78,56 @@ def cmd_tenant_create(args: argparse.Namespace) -> int:
         except tenants.TenantError as exc:
             raise BadInput(str(exc)) from None
         print(tenant.id)
+    return 0
+
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+         "gib": 2**30, "tib": 2**40}
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be 0 or more")
+    return value
+
+
+def _size(text: str) -> int:
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in UNITS:
+        raise argparse.ArgumentTypeError(f"{text}: a number of bytes, optionally with a unit (MB, GiB, ...)")
+    value = int(float(match.group(1)) * UNITS[match.group(2).lower()])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least one byte")
+    return value
+
+
+def cmd_tenant_quota(args: argparse.Namespace) -> int:
+    from app import quotas
+    from app.core.config import get_settings
+    from app.models import Tenant
+
+    with _session(args) as session:
+        tenant = session.get(Tenant, args.tenant)
+        if tenant is None:
+            raise BadInput(f"no tenant '{args.tenant}' (see `qforge admin tenant list`)")
+        if args.max_active_jobs == 0:
+            raise BadInput("--max-active-jobs must be at least 1 (revoke the tenant's keys to stop it)")
+        if args.reset:
+            tenant.max_active_jobs = tenant.max_stored_bytes = tenant.requests_per_minute = None
+        for name in ("max_active_jobs", "max_stored_bytes", "requests_per_minute"):
+            if getattr(args, name) is not None:
+                setattr(tenant, name, getattr(args, name))
+        session.commit()
+        limits = quotas.limits(tenant, get_settings())
+        usage = quotas.usage(session, tenant.id)
+        for name, value in vars(limits).items():
+            source = "own" if getattr(tenant, name) is not None else "default"
+            print(f"{name}\t{value}\t({source})")
+        for name, value in vars(usage).items():
+            print(f"{name}\t{value}\t(in use)")
     return 0
 
 

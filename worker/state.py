@@ -179,6 +179,7 @@ def succeed(job_id: str, attempt: int, report: dict, artifact_path: str, sha256:
         job_id, attempt, JobStatus.SUCCEEDED, (LogLevel.INFO, f"succeeded; artifacts: {stored or artifact_path}"),
         report=report, artifact_path=artifact_path, artifact_sha256=sha256,
         artifact_bytes=size, progress_percent=100.0, progress_message="done",
+        artifacts_total_bytes=sum(a.get("bytes", 0) for a in report.get("artifacts", [])) or size,
         # the last progress call may have been throttled away: a finished job shows N of N
         progress_current=Job.progress_total,
     )

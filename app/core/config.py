@@ -44,6 +44,14 @@ class Settings(BaseSettings):
     # text: for a person at a terminal (the embedded `qforge serve`); json: one object a line
     # for a log pipeline (docker-compose.yml sets it). Both carry job_id, tenant_id, request_id.
     log_format: Literal["text", "json"] = Field("text", description="API and worker log lines: text or json")
+    # Per-tenant limits (app.quotas); `qforge admin tenant quota` sets one tenant's own.
+    tenant_max_active_jobs: int = Field(20, ge=1, description="a tenant's queued and running jobs at once")
+    tenant_max_stored_bytes: int = Field(
+        50 * 2**30, ge=1, description="bytes a tenant may keep: its uploaded models and datasets and its jobs' artifacts"
+    )
+    tenant_requests_per_minute: int = Field(
+        6000, ge=0, description="API calls per minute of one tenant (bursts of up to a tenth of it at once); 0: no limit"
+    )
     allow_local_model_paths: bool = Field(False, description="let clients name a model by a path on the worker")
     max_upload_bytes: int = Field(
         256 * 2**20, ge=1, description="largest dataset or model file accepted (and largest an .npz may unpack to)"

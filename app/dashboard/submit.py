@@ -91,7 +91,7 @@ def submit_job(
 async def upload_model(request: Request, principal: SubmitterPrincipalDep, session: SessionDep, settings: SettingsDep):
     """Multipart: `file`, `config` and `name`, handed whole to the API's upload code."""
     try:
-        model = await uploads.receive_model(request, session, settings, principal.tenant)
+        model = await uploads.receive_within_quota("model", request, session, settings, principal.tenant)
     except Problem as problem:
         return _upload_failed(request, principal, session, "model", problem)
     query = urlencode({"kind": "classic", "model": f"upload:{model.id}", "uploaded": f"model {model.name}"})
@@ -101,7 +101,7 @@ async def upload_model(request: Request, principal: SubmitterPrincipalDep, sessi
 @router.post("/uploads/dataset", response_class=HTMLResponse)
 async def upload_dataset(request: Request, principal: SubmitterPrincipalDep, session: SessionDep, settings: SettingsDep):
     try:
-        dataset = await uploads.receive_dataset(request, session, settings, principal.tenant)
+        dataset = await uploads.receive_within_quota("dataset", request, session, settings, principal.tenant)
     except Problem as problem:
         return _upload_failed(request, principal, session, "dataset", problem)
     query = urlencode({"kind": "classic", "uploaded": f"dataset {dataset.name}"})

@@ -27,7 +27,7 @@ async def upload_dataset(
     request: Request, session: SessionDep, settings: SettingsDep, caller: SubmitterDep, response: Response
 ) -> DatasetOut:
     """Multipart form: `file` and an optional `name`. The file is checked before it is stored."""
-    dataset = await uploads.receive_dataset(request, session, settings, caller.tenant_id)
+    dataset = await uploads.receive_within_quota("dataset", request, session, settings, caller.tenant_id)
     response.headers["Location"] = f"/v1/datasets/{dataset.id}"
     return DatasetOut.from_row(dataset)
 

@@ -4,23 +4,29 @@ Tenants themselves, and the first key of each, are made by an operator with `qfo
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Response
 
-from app import tenants
-from app.api.deps import SessionDep
+from app import quotas, tenants
+from app.api.deps import SessionDep, SettingsDep
 from app.auth import AdminDep, CallerDep, authenticate
 from app.errors import Problem
+from app.models import Tenant
 from app.schemas import ApiKeyOut, ApiKeyRequest, Identity, NewApiKey
 
 router = APIRouter(prefix="/v1", tags=["keys"], dependencies=[Depends(authenticate)])
 
 
 @router.get("/me", response_model=Identity)
-def who_am_i(caller: CallerDep) -> Identity:
-    """The tenant and scope of the key this call was made with."""
-    return Identity(tenant=caller.tenant_id, key_id=caller.key_id, scope=caller.scope)
+def who_am_i(caller: CallerDep, session: SessionDep, settings: SettingsDep) -> Identity:
+    """The tenant and scope of the key this call was made with, the tenant's limits and how
+    much of them it uses."""
+    limits = quotas.limits(session.get(Tenant, caller.tenant_id), settings)
+    usage = quotas.usage(session, caller.tenant_id)
+    return Identity(tenant=caller.tenant_id, key_id=caller.key_id, scope=caller.scope,
+                    limits=dataclasses.asdict(limits), usage=dataclasses.asdict(usage))
 
 
 @router.get("/keys", response_model=list[ApiKeyOut])

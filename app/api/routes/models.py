@@ -28,7 +28,7 @@ async def upload_model(
     request: Request, session: SessionDep, settings: SettingsDep, caller: SubmitterDep, response: Response
 ) -> ModelOut:
     """Multipart form: `file`, `config` and an optional `name`. The file is checked before it is stored."""
-    model = await uploads.receive_model(request, session, settings, caller.tenant_id)
+    model = await uploads.receive_within_quota("model", request, session, settings, caller.tenant_id)
     response.headers["Location"] = f"/v1/models/{model.id}"
     return ModelOut.from_row(model)
 

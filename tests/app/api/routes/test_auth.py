@@ -63,8 +63,9 @@ def test_the_key_header_works_as_well_as_bearer(anonymous):
     with session_scope() as session:
         key_id = session.scalar(select(ApiKey.id).where(ApiKey.key_hash == hashlib.sha256(key.encode()).hexdigest()))
     expected = {"tenant": DEFAULT_TENANT, "key_id": key_id, "scope": "read"}
-    assert anonymous.get("/v1/me", headers={"X-API-Key": key}).json() == expected
-    assert anonymous.get("/v1/me", headers=bearer(key)).json() == expected
+    for headers in ({"X-API-Key": key}, bearer(key)):
+        me = anonymous.get("/v1/me", headers=headers).json()
+        assert {k: me[k] for k in expected} == expected
 
 
 def test_scopes_read_submit_admin(anonymous):
