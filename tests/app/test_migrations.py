@@ -74,3 +74,17 @@ def test_job_log_migration_downgrades_and_upgrades(settings):
         (["job_id"], "jobs", "CASCADE")
     ]
     assert indexes == {"ix_job_log_job_id": ["job_id", "id"]}
+
+
+def test_model_formats_migration_downgrades_and_upgrades(settings):
+    def formats(connection) -> str:
+        checks = inspect(connection).get_check_constraints("uploaded_models")
+        return next(c["sqltext"] for c in checks if c["name"] == "ck_uploaded_models_model_format")
+
+    config = _alembic_config(settings.database_url)
+    command.downgrade(config, "0005")
+    with get_engine().connect() as connection:
+        assert "gguf" not in formats(connection) and "'safetensors'" in formats(connection)
+    command.upgrade(config, "head")
+    with get_engine().connect() as connection:
+        assert all(f"'{v}'" in formats(connection) for v in ("safetensors", "hf-folder", "gguf"))

@@ -15,7 +15,7 @@ def test_migrate_creates_the_schema_in_the_data_dir(tmp_path, monkeypatch):
     finally:
         get_settings.cache_clear()
     with sqlite3.connect(tmp_path / "qforge.db") as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0005",)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0007",)]
 
 
 def test_the_worker_is_a_real_prefork_celery_worker():
