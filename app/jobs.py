@@ -10,9 +10,10 @@ from sqlalchemy.orm import Session
 from app import crud, logctx, queue, quotas, webhooks
 from app.core.config import Settings
 from app.errors import Problem, validation_problem
-from app.models import Dataset, DatasetKind, Job, JobStatus, UploadedModel
+from app.models import Dataset, DatasetKind, Job, JobStatus, ModelFormat, UploadedModel
 from quantcore.classic_job import ClassicJobRequest
 from quantcore.job import JobRequest
+from quantcore.models.refs import UPLOAD
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,9 @@ def check_classic(session: Session, request: ClassicJobRequest, settings: Settin
                 message = f"no uploaded {what} '{ref}': upload it with POST /v1/{what}s first"
             elif isinstance(row, Dataset) and row.kind != DatasetKind.ARRAYS:
                 message = f"'{ref}' is a text dataset; classic jobs train and calibrate on arrays (x, y)"
+            elif isinstance(row, UploadedModel) and row.format != ModelFormat.SAFETENSORS:
+                message = (f"'{ref}' is a {row.format.value} upload ({row.architecture}); classic jobs take a "
+                           "safetensors file with a classic architecture; submit it as a recipe job")
             else:
                 continue
         elif ref in bundled:
@@ -46,10 +50,24 @@ def check_classic(session: Session, request: ClassicJobRequest, settings: Settin
         raise validation_problem([error], slug=f"unknown-{what}", title=f"Unknown {what}")
 
 
-def check_model(request: JobRequest, settings: Settings) -> None:
-    """An unknown model is the client's error, found now rather than by a failed job."""
+def check_model(session: Session, request: JobRequest, settings: Settings, tenant_id: str) -> None:
+    """An unknown model is the client's error, found now rather than by a failed job. An
+    upload must be the same tenant's: another tenant's is unknown."""
     from quantcore.models import ModelNotFoundError, resolve_model_ref
 
+    ref = request.model.strip()
+    if ref.startswith("upload:"):
+        if not UPLOAD.match(ref):
+            message = f"'{ref[:100]}': an upload is named 'upload:<id>', the id POST /v1/models returned"
+        elif (row := crud.get_upload(session, UploadedModel, ref.removeprefix("upload:"), tenant_id)) is None:
+            message = f"no uploaded model '{ref}': upload it with POST /v1/models first"
+        elif row.format == ModelFormat.SAFETENSORS:
+            message = (f"'{ref}' is a classic model ({row.architecture}); recipe jobs take a Hugging Face folder or "
+                       'GGUF upload; submit it as a classic job ({"kind": "ptq", ...})')
+        else:
+            return
+        error = {"loc": ["body", "model"], "msg": message, "type": "unknown_model"}
+        raise validation_problem([error], slug="unknown-model", title="Unknown model")
     try:
         resolve_model_ref(request.model, allow_local_paths=settings.allow_local_model_paths)
     except ModelNotFoundError as exc:
@@ -70,7 +88,7 @@ def submit(
     if isinstance(request, ClassicJobRequest):
         check_classic(session, request, settings, tenant_id)
     else:
-        check_model(request, settings)
+        check_model(session, request, settings, tenant_id)
     callback_url = getattr(request, "callback_url", None)
     if callback_url is not None:
         webhooks.check_callback(callback_url, settings)

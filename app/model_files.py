@@ -1,8 +1,10 @@
 """What an uploaded model file is, found from its bytes (and, for pickles, also its name).
 
-Only safetensors is accepted: a JSON header and raw tensor data, nothing that can run code
-when loaded. Refused as `unsafe-model-format` (415), and never opened beyond their first
-bytes or their zip directory:
+Accepted are formats that cannot run code when loaded: safetensors (a JSON header and raw
+tensor data, with a config naming a classic architecture), GGUF (`app.gguf_files`), and a
+Hugging Face folder of safetensors as a .tar, .tar.gz or .zip (`app.archives`,
+`app.model_folders`). Refused as `unsafe-model-format` (415), and never opened beyond their
+first bytes or their zip directory:
 
 - files named like pickles (.pt, .pth, .bin, .pkl, .pickle, .ckpt), refused before upload;
 - a pickle by content: protocol 2-5 pickles start 0x80 0x02..0x05 (the legacy, non-zip
@@ -12,9 +14,8 @@ bytes or their zip directory:
   recognised but not accepted: torch.export.load unpickles parts of it (its sample inputs
   always, some weights and constants too, retrying with weights_only=False when the safe
   unpickler fails), so it cannot be loaded without running a pickle.
-Anything else that is not safetensors (GGUF, other zips, unknown bytes) is
-`unsupported-model-format` (415); a safetensors file whose header does not hold is
-`invalid-model` (422).
+Unknown bytes are `unsupported-model-format` (415); a safetensors file whose header does not
+hold is `invalid-model` (422).
 """
 
 from __future__ import annotations
@@ -24,13 +25,19 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from app import archives
 from app.errors import Problem
 
 PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"})
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
-ACCEPTED = ["a .safetensors file with a form field config naming its architecture"]
+ACCEPTED = [
+    "a Hugging Face model folder (config.json, *.safetensors, tokenizer files) as .tar, .tar.gz or .zip",
+    "a .gguf file",
+    "a .safetensors file with a form field config naming its (classic) architecture",
+]
 CONVERT = (
-    "Convert it where you trust it: load the model in PyTorch, then "
+    "Convert it where you trust it: for a transformers model, model.save_pretrained(folder, "
+    "safe_serialization=True) and upload the folder as a .tar.gz or .zip; for a classic model, "
     'from safetensors.torch import save_model; save_model(model, "model.safetensors"), and upload '
     'model.safetensors with a form field config such as {"architecture": "digits-cnn", "width": 16}.'
 )
@@ -56,7 +63,7 @@ def unsafe(what: str) -> Problem:
 
 
 def unsupported(what: str) -> Problem:
-    detail = f"{what}; qforge accepts {ACCEPTED[0]}. {CONVERT}"
+    detail = f"{what}; qforge accepts {'; '.join(ACCEPTED)}. {CONVERT}"
     return Problem(415, "unsupported-model-format", "Unsupported model format", detail, accepted=ACCEPTED)
 
 
@@ -71,35 +78,53 @@ def check_filename(filename: str) -> None:
         raise unsafe(f"'{filename}' is a {suffix} file, a pickle (what torch.save writes)")
 
 
-def inspect(path: Path) -> SafetensorsSummary:
-    """The tensors of a safetensors file, or a problem saying why the file is refused."""
+def is_pickle(head: bytes) -> bool:
+    """Protocol 2-5 pickles start 0x80 0x02..0x05. So does a safetensors file whose header is
+    640 to 1535 bytes long (its first 8 bytes are that length), but its 9th byte opens the JSON
+    header, where a pickle's is part of a frame length or an opcode's argument."""
+    return head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5 and head[8:9] != b"{"
+
+
+def detect(path: Path) -> str:
+    """'safetensors', 'gguf', 'zip', 'tar' or 'tar.gz' by the file's bytes, or a problem saying
+    why it is refused."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(16)
-    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        head = f.read(512)
+    if is_pickle(head):
         raise unsafe(f"the file is a pickle (protocol {head[1]}), as torch.save writes")
     if head.startswith(ZIP_MAGIC):
-        raise _refuse_zip(path)
+        _refuse_checkpoint_zip(path)
+        return "zip"
     if head.startswith(b"GGUF"):
-        raise unsupported("the file is GGUF, which qforge does not accept yet")
+        return "gguf"
+    if kind := archives.kind(head):
+        return kind
     # safetensors: an 8-byte little-endian header length, then the JSON header.
     header_bytes = int.from_bytes(head[:8], "little")
     if len(head) < 9 or head[8:9] != b"{" or not 2 <= header_bytes <= size - 8:
         raise unsupported("the file is not a safetensors file")
-    return _read_safetensors(path)
+    return "safetensors"
 
 
-def _refuse_zip(path: Path) -> Problem:
-    """The problem for a zip upload: a torch.save checkpoint, a torch.export program, or neither."""
+def inspect(path: Path) -> SafetensorsSummary:
+    """The tensors of a safetensors file, or a problem saying why the file is refused."""
+    return read_safetensors(path)
+
+
+def _refuse_checkpoint_zip(path: Path) -> None:
+    """Refuse a zip that is a torch.save checkpoint or a torch.export program; any other zip
+    may be a model folder, for `app.archives` to unpack."""
+    archives.check_zip_entries(path)
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
             formats = [n for n in names if PurePosixPath(n).name == "archive_format"]
             is_pt2 = any(archive.getinfo(n).file_size <= 16 and archive.read(n).strip() == b"pt2" for n in formats)
     except (zipfile.BadZipFile, OSError) as exc:
-        return unsupported(f"the file starts like a zip archive but cannot be read as one ({exc})")
+        raise unsupported(f"the file starts like a zip archive but cannot be read as one ({exc})") from None
     if is_pt2:
-        return Problem(
+        raise Problem(
             415,
             "unsafe-model-format",
             "Unsafe model format",
@@ -110,11 +135,10 @@ def _refuse_zip(path: Path) -> Problem:
             accepted=ACCEPTED,
         )
     if pickled := [n for n in names if n.endswith(".pkl")]:
-        return unsafe(f"the file is a zip holding '{pickled[0]}': a torch.save checkpoint, which is a pickle")
-    return unsupported("the file is a zip archive but neither a checkpoint nor a model qforge reads")
+        raise unsafe(f"the file is a zip holding '{pickled[0]}': a torch.save checkpoint, which is a pickle")
 
 
-def _read_safetensors(path: Path) -> SafetensorsSummary:
+def read_safetensors(path: Path, name: str = "the file") -> SafetensorsSummary:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -122,7 +146,7 @@ def _read_safetensors(path: Path) -> SafetensorsSummary:
         with safe_open(str(path), framework="numpy") as f:
             shapes = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 - not a dict
     except (SafetensorError, OSError, ValueError) as exc:
-        raise invalid(f"the safetensors header is not valid: {exc}") from None
+        raise invalid(f"the safetensors header of {name} is not valid: {exc}") from None
     if not shapes:
-        raise invalid("the safetensors file holds no tensors")
+        raise invalid(f"the safetensors file {name} holds no tensors")
     return SafetensorsSummary(shapes)

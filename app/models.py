@@ -66,7 +66,9 @@ class DatasetKind(enum.StrEnum):
 
 
 class ModelFormat(enum.StrEnum):
-    SAFETENSORS = "safetensors"
+    SAFETENSORS = "safetensors"  # one file with a config naming a classic architecture (classic jobs)
+    HF_FOLDER = "hf-folder"  # a Hugging Face folder (config.json, *.safetensors, tokenizer), uploaded as an archive
+    GGUF = "gguf"
 
 
 class WebhookState(enum.StrEnum):

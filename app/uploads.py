@@ -19,7 +19,7 @@ from fastapi import Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app import crud, dataset_files, model_files, upload_stream
+from app import archives, crud, dataset_files, gguf_files, model_files, model_folders, upload_stream
 from app.core.config import Settings
 from app.errors import validation_problem
 from app.models import Dataset, ModelFormat, UploadedModel
@@ -82,26 +82,43 @@ async def _receive(request: Request, settings: Settings, folder: Path, fields: f
 
 
 def _store_model(session: Session, settings: Settings, model_id: str, upload: Upload, tenant_id: str) -> UploadedModel:
+    """Check the upload by what its bytes are (a pickle is refused whatever its name or
+    config), then publish it as the folder the worker loads: `model.safetensors` with
+    `config.json`, `model.gguf`, or the archive's model folder."""
     name = _name(upload)
-    summary = model_files.inspect(upload.path)  # first: a pickle is refused whatever its config
-    config = parse_config(upload.fields.get("config"))
-    # Beside the weights, as quantcore's loader reads a model folder (model.safetensors + config.json)
-    (upload.path.parent / "config.json").write_text(json.dumps(config))
-    path = _publish(upload, settings.models_dir / model_id, "model.safetensors")
-    row = UploadedModel(
-        id=model_id,
-        tenant_id=tenant_id,
-        name=name,
-        format=ModelFormat.SAFETENSORS,
-        architecture=config["architecture"],
-        config=config,
-        tensors=summary.tensors,
-        parameters=summary.parameters,
-        path=path.relative_to(settings.data_dir).as_posix(),
-        bytes=upload.bytes,
-        sha256=upload.sha256,
-    )
+    kind = model_files.detect(upload.path)
+    values = {"id": model_id, "tenant_id": tenant_id, "name": name, "bytes": upload.bytes, "sha256": upload.sha256}
+    if kind == "gguf":
+        gguf = gguf_files.inspect(upload.path)
+        _no_config(upload, kind)
+        path = _publish(upload, settings.models_dir / model_id, "model.gguf")
+        row = UploadedModel(**values, format=ModelFormat.GGUF, architecture=gguf.architecture, config=gguf.metadata,
+                            tensors=gguf.tensors, parameters=gguf.parameters)
+    elif kind != "safetensors":
+        unpacked = upload.path.parent / "folder"
+        archives.extract(upload.path, kind, unpacked, settings.max_upload_bytes, model_folders.check_member)
+        root = model_folders.find_root(unpacked, kind)
+        folder = model_folders.inspect(root)
+        _no_config(upload, kind)
+        path = _publish_folder(root, settings.models_dir / model_id) / "config.json"
+        row = UploadedModel(**values, format=ModelFormat.HF_FOLDER, architecture=folder.architecture,
+                            config=folder.config, tensors=folder.tensors, parameters=folder.parameters)
+    else:
+        summary = model_files.inspect(upload.path)
+        config = parse_config(upload.fields.get("config"))
+        # Beside the weights, as quantcore's loader reads a model folder (model.safetensors + config.json)
+        (upload.path.parent / "config.json").write_text(json.dumps(config))
+        path = _publish(upload, settings.models_dir / model_id, "model.safetensors")
+        row = UploadedModel(**values, format=ModelFormat.SAFETENSORS, architecture=config["architecture"],
+                            config=config, tensors=summary.tensors, parameters=summary.parameters)
+    row.path = path.relative_to(settings.data_dir).as_posix()
     return _record(session, row, path.parent)
+
+
+def _no_config(upload: Upload, kind: str) -> None:
+    if "config" in upload.fields:
+        msg = f"only for a classic safetensors file; a {kind} upload carries its own config"
+        raise validation_problem([{"loc": ["body", "config"], "msg": msg, "type": "extra_forbidden"}])
 
 
 def parse_config(text: str | None) -> dict[str, Any]:
@@ -174,6 +191,14 @@ def _publish(upload: Upload, folder: Path, filename: str) -> Path:
     _fsync_dir(folder)
     _fsync_dir(folder.parent)  # the rename itself is durable before the row is written
     return folder / filename
+
+
+def _publish_folder(root: Path, folder: Path) -> Path:
+    """Move a checked, unpacked model folder (its files synced as written) to `folder` in one step."""
+    root.rename(folder)
+    _fsync_dir(folder)
+    _fsync_dir(folder.parent)
+    return folder
 
 
 def _record(session: Session, row: Row, folder: Path) -> Row:

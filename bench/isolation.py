@@ -79,6 +79,9 @@ def probe(client_a, client_b, ids: dict[str, str], dashboard_b=None) -> Isolatio
             body["data"] = {"train": f"upload:{ids['dataset']}"}
         answer = client_b.post("/v1/jobs", json=body)
         result.check(answer.status_code == 422, f"a job of the other tenant on its {kind} ({field_name}): {answer.status_code}")
+    # a recipe (LLM) job names an uploaded folder or GGUF the same way
+    answer = client_b.post("/v1/jobs", json={"model": f"upload:{ids['model']}", "recipe": "w4a16-rtn-g64"})
+    result.check(answer.status_code == 422, f"a recipe job of the other tenant on its model: {answer.status_code}")
     replay_key = ids.get("idempotency_key")
     if replay_key:
         answer = client_b.post(

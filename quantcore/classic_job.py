@@ -48,8 +48,8 @@ def _check_ref(value: str) -> str:
 class ClassicData(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    train: str = Field("bundled:digits", description="calibration / training arrays: 'bundled:digits' or an .npz")
-    evaluation: str | None = Field(None, description="held-out arrays; default: bundled data's test split, "
+    train: str = Field("bundled:digits", max_length=4096, description="calibration / training arrays: 'bundled:digits' or an .npz")
+    evaluation: str | None = Field(None, max_length=4096, description="held-out arrays; default: bundled data's test split, "
                                    "or `evaluation_fraction` of the training arrays")
     evaluation_fraction: float = Field(0.2, gt=0, lt=1)
     calibration_samples: int = Field(256, ge=1, le=100_000, description="PTQ calibration samples (from train)")
@@ -93,7 +93,7 @@ class ClassicJobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["ptq", "qat", "finetune"]
-    model: str = Field("bundled:digits-cnn", description="'bundled:digits-cnn' or a folder with model.safetensors + config.json")
+    model: str = Field("bundled:digits-cnn", max_length=4096, description="'bundled:digits-cnn' or a folder with model.safetensors + config.json")
     data: ClassicData = Field(default_factory=ClassicData)
     ptq: PTQSpec | None = None
     qat: QATOptions | None = None

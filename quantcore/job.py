@@ -65,7 +65,11 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="'bundled:<name>', a hub id 'org/name' (local cache only), or a local path")
+    model: str = Field(
+        max_length=4096,
+        description="'bundled:<name>', 'upload:<id>' (the service's uploads), a hub id 'org/name' (local cache only), "
+        "or a local path",
+    )
     recipe: Recipe
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
@@ -152,16 +156,18 @@ def run_job(
     output_dir: Path,
     progress: ProgressFn | Callable[..., None] | None = None,
     allow_local_paths: bool = True,
+    locate: Callable[[str], Path] | None = None,
 ) -> dict:
     """Run `request` and write the artifact folder to `output_dir / "artifact"`; return the report.
 
-    A service passes `allow_local_paths=False` so a request cannot name files on the worker."""
+    A service passes `allow_local_paths=False` so a request cannot name files on the worker, and
+    `locate` to find the folder of an 'upload:<id>' model."""
     from quantcore.job_pipeline import execute
 
     progress = progress or _noop_progress
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    report = execute(request, output_dir, progress, allow_local_paths)
+    report = execute(request, output_dir, progress, allow_local_paths, locate)
     report["timings"]["total_s"] = round(time.time() - started, 3)
     return report

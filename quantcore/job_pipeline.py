@@ -55,14 +55,14 @@ class _Clock:
         return result
 
 
-def execute(request: JobRequest, output_dir: Path, progress, allow_local_paths: bool = True) -> dict:
+def execute(request: JobRequest, output_dir: Path, progress, allow_local_paths: bool = True, locate=None) -> dict:
     from quantcore.models import load_model
 
     seed_everything(request.seed)
     clock = _Clock()
 
     progress("load", 0, 1, request.model)
-    loaded = clock.run("load", load_model, request.model, allow_local_paths=allow_local_paths)
+    loaded = clock.run("load", load_model, request.model, allow_local_paths=allow_local_paths, locate=locate)
     model, tokenizer, kind = loaded.model, loaded.tokenizer, loaded.kind
     progress("load", 1, 1, f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters")
     float_bytes = {dt_: sum(p.numel() for p in model.parameters()) * size for dt_, size in (("float32", 4), ("float16", 2))}

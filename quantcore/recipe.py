@@ -23,16 +23,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from quantcore.schemes import Granularity, QuantScheme, check_activation_scheme
 
 SUPPORTED_TARGETS = ("Linear",)
+MAX_STAGES = 8  # the presets use 1 or 2; each stage is a pass over the whole model
+MAX_IGNORE = 256
 
 
 class Stage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    algorithm: str = Field(description="registered algorithm name, see quantcore.registry")
-    targets: list[str] = Field(default_factory=lambda: ["Linear"], description="module types to quantize")
+    algorithm: str = Field(max_length=64, description="registered algorithm name, see quantcore.registry")
+    targets: list[str] = Field(default_factory=lambda: ["Linear"], max_length=8, description="module types to quantize")
     ignore: list[str] = Field(
         default_factory=lambda: ["lm_head"],
-        description="module-name patterns left in float: exact name, fnmatch glob, or 're:<regex>'",
+        max_length=MAX_IGNORE,
+        description="module-name patterns left in float: exact name, fnmatch glob, or 're:<regex>' (at most 3 "
+        "repetitions, none nested)",
     )
     weights: QuantScheme | None = None
     activations: QuantScheme | None = None
@@ -47,6 +51,18 @@ class Stage(BaseModel):
         for t in v:
             if t not in SUPPORTED_TARGETS:
                 raise ValueError(f"unsupported target '{t}'; supported: {', '.join(SUPPORTED_TARGETS)}")
+        return v
+
+    @field_validator("ignore")
+    @classmethod
+    def _patterns_cheap(cls, v: list[str]) -> list[str]:
+        from quantcore.targets import check_pattern
+
+        for index, pattern in enumerate(v):
+            try:
+                check_pattern(pattern)
+            except ValueError as exc:
+                raise ValueError(f"ignore[{index}]: {exc}") from None
         return v
 
     @field_validator("weights")
@@ -78,8 +94,8 @@ class Stage(BaseModel):
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = "custom"
-    stages: list[Stage] = Field(min_length=1)
+    name: str = Field("custom", max_length=128)
+    stages: list[Stage] = Field(min_length=1, max_length=MAX_STAGES)
 
     @classmethod
     def parse(cls, value: "Recipe | str | dict[str, Any]") -> "Recipe":

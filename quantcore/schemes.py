@@ -38,6 +38,9 @@ FP8_DTYPES = {
     QuantType.FP8_E5M2: torch.float8_e5m2,
 }
 
+# Wider groups than any real layer's inputs; a whole row is granularity 'channel'.
+MAX_GROUP_SIZE = 8192
+
 ObserverName = Literal["minmax", "moving_average", "percentile", "histogram", "mse", "octav"]
 
 
@@ -50,7 +53,9 @@ class QuantScheme(BaseModel):
     bits: int = Field(8, description="integer bits, 2..8 (8 for fp8)")
     symmetric: bool = True
     granularity: Granularity = Granularity.CHANNEL
-    group_size: int | None = Field(None, description="inputs per group; only with granularity=group")
+    group_size: int | None = Field(
+        None, le=MAX_GROUP_SIZE, description=f"inputs per group, 1..{MAX_GROUP_SIZE}; only with granularity=group"
+    )
     dynamic: bool = Field(False, description="compute S/Z from each tensor at run time")
     observer: ObserverName = "minmax"
 

@@ -87,7 +87,8 @@ def _run_and_record(job_id: str, attempt: int, request_data: dict, settings: Set
                 locate = lambda what, ref: upload_folder(settings, what, ref)  # noqa: E731
                 report = run_classic_job(request, work, progress, allow_local_paths=local, locate=locate)
             else:
-                report = quantcore.job.run_job(request, work, progress, allow_local_paths=local)
+                report = quantcore.job.run_job(request, work, progress, allow_local_paths=local,
+                                               locate=lambda ref: upload_folder(settings, "model", ref))
             # one archive per exported format; the report says which file, sha256 and size each is
             artifacts = report.setdefault("artifacts", [{"format": "qforge", "folder": "artifact"}])
             store = store_for(settings)

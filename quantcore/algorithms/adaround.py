@@ -43,7 +43,7 @@ class AdaRoundOptions(BaseModel):
     beta_start: float = Field(20.0, gt=0)
     beta_end: float = Field(2.0, gt=0)
     warmup: float = Field(0.2, ge=0, lt=1, description="share of the iterations without the regulariser")
-    batch_rows: int = Field(1024, ge=1, description="output rows (tokens or pixels) per step")
+    batch_rows: int = Field(1024, ge=1, le=1_048_576, description="output rows (tokens or pixels) per step")
 
 
 @dataclass

@@ -61,6 +61,7 @@ class AWQOptions(BaseModel):
     min_clip_ratio: float = Field(0.5, gt=0, lt=1)
     clip_exclude: list[str] = Field(
         default_factory=lambda: ["*q_proj", "*k_proj", "*.query", "*.key"],
+        max_length=64,
         description="layers whose range is not clipped (their outputs meet in QKᵀ, which per-group error does not see)",
     )
     quantize: bool = Field(True, description="quantize here (round-to-nearest); false leaves it to a later stage")

@@ -74,14 +74,14 @@ class QATOptions(BaseModel):
     first_last_bits: int | None = Field(8, ge=2, le=8, description="bits of the first and last layer; None: as the rest")
     init: Literal["float", "dfq", "adaround"] = Field("float", description="start from the float weights or a PTQ result")
     epochs: int = Field(10, ge=1, le=1000)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, le=65_536)
     learning_rate: float = Field(1e-3, gt=0)
     quantizer_learning_rate: float = Field(1e-2, gt=0, description="for the quantizers' own parameters (s, β, α, ...)")
     weight_decay: float = Field(0.0, ge=0)
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="training samples held out for early stopping")
-    patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better validation loss")
+    patience: int | None = Field(None, ge=1, le=1000, description="stop after this many epochs without a better validation loss")
     loss: Literal["cross_entropy", "distill_mse"] = "cross_entropy"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
 @dataclass

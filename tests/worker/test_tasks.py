@@ -14,7 +14,7 @@ def fake_run_job(fail: Exception | None = None, formats: tuple[str, ...] = ()):
     """Walks through every stage like quantcore, writes a small artifact folder (one per
     export format when `formats` are given, listed in the report as run_job does)."""
 
-    def run_job(request, output_dir, progress, allow_local_paths=True):
+    def run_job(request, output_dir, progress, allow_local_paths=True, locate=None):
         assert allow_local_paths is False  # the service never lets a request name worker files
         output_dir.mkdir(parents=True)
         for stage in STAGES:
@@ -91,7 +91,7 @@ def test_a_cancel_request_stops_the_job_at_its_next_progress_call(run, new_job, 
 
     job_id = new_job()
 
-    def cancelled_midway(request, output_dir, progress, allow_local_paths=False):
+    def cancelled_midway(request, output_dir, progress, allow_local_paths=False, locate=None):
         output_dir.mkdir(parents=True)
         (output_dir / "partial.bin").write_bytes(b"x")
         progress("load", 0, 1)
@@ -225,7 +225,7 @@ def test_a_cancelled_job_logs_the_request_and_where_it_stopped(run, new_job, loa
 
     job_id = new_job()
 
-    def cancelled_midway(request, output_dir, progress, allow_local_paths=False):
+    def cancelled_midway(request, output_dir, progress, allow_local_paths=False, locate=None):
         progress("load", 0, 1)
         with session_scope() as session:
             request_cancel(session, job_id)

@@ -1,5 +1,6 @@
-"""/v1/models: upload a checkpoint in a format that cannot run code when loaded (safetensors
-with a config naming its architecture); list, inspect, delete. Pickles are refused."""
+"""/v1/models: upload a checkpoint in a format that cannot run code when loaded (an HF folder
+of safetensors as .tar/.tar.gz/.zip, a GGUF file, or classic safetensors with a config naming
+its architecture); list, inspect, delete. Pickles are refused."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from app.upload_stream import form_schema
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(authenticate)])
 
 FORM = form_schema(
-    "a .safetensors checkpoint; pickles (.pt, .pth, .bin, .ckpt, torch.save output) are refused with 415",
-    config=f"JSON: the architecture and its arguments, e.g. {uploads.CONFIG_EXAMPLE}",
+    "a Hugging Face model folder (config.json, *.safetensors, tokenizer) as .tar, .tar.gz or .zip; a .gguf file; "
+    "or a classic .safetensors checkpoint with `config`. Pickles (.pt, .pth, .bin, .ckpt, torch.save output) are "
+    "refused with 415",
+    config=f"classic .safetensors only, JSON: the architecture and its arguments, e.g. {uploads.CONFIG_EXAMPLE}",
     name="shown in listings; default: the file's name",
 )
 
@@ -27,7 +30,8 @@ FORM = form_schema(
 async def upload_model(
     request: Request, session: SessionDep, settings: SettingsDep, caller: SubmitterDep, response: Response
 ) -> ModelOut:
-    """Multipart form: `file`, `config` and an optional `name`. The file is checked before it is stored."""
+    """Multipart form: `file`, an optional `name`, and `config` for a classic safetensors file.
+    The file is checked (an archive unpacked) before it is stored."""
     model = await uploads.receive_within_quota("model", request, session, settings, caller.tenant_id)
     response.headers["Location"] = f"/v1/models/{model.id}"
     return ModelOut.from_row(model)
