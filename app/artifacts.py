@@ -196,7 +196,10 @@ def signed_link(settings: Settings, artifact: StoredArtifact, expires_in: int, b
 
 def check_link(settings: Settings, file: str, expires: int, signature: str) -> None:
     """A 403 problem unless the link was signed here for this file and has not expired."""
-    if not hmac.compare_digest(_signature(signing_key(settings), file, expires), signature):
+    # compared as bytes: compare_digest refuses str with non-ASCII characters, and a link's
+    # signature is whatever the caller sent
+    expected = _signature(signing_key(settings), file, expires).encode()
+    if not hmac.compare_digest(expected, signature.encode("utf-8", "surrogateescape")):
         raise Problem(403, "link-invalid", "Invalid link", "this download link was not issued by this service, or was altered")
     if utcnow().timestamp() > expires:
         when = dt.datetime.fromtimestamp(expires, dt.UTC).isoformat()

@@ -81,7 +81,8 @@ def _bootstrap_key(settings: Settings) -> None:
     with session_scope() as session:
         line = tenants.bootstrap(session, settings)
     if line:
-        print(f"qforge: {line}", file=sys.stderr, flush=True)
+        # a warning: shown however quiet the log is set, in the log's own format (QFORGE_LOG_FORMAT)
+        log.warning("%s", line)
 
 
 def _spawn_worker(settings: Settings) -> tuple[subprocess.Popen, Path]:

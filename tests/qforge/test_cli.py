@@ -60,11 +60,14 @@ def test_serve_writes_json_lines_when_asked(tmp_path, closed_port):
         deadline = time.monotonic() + 120
         while True:
             try:
-                response = httpx.get(f"http://127.0.0.1:{closed_port}/v1/jobs/{'a' * 32}", timeout=5)
+                httpx.get(f"http://127.0.0.1:{closed_port}/healthz", timeout=5)
                 break
             except httpx.TransportError:
                 assert time.monotonic() < deadline and server.poll() is None, "serve did not start"
                 time.sleep(0.3)
+        key = (tmp_path / "api.key").read_text().strip()  # the embedded default's first key
+        response = httpx.get(f"http://127.0.0.1:{closed_port}/v1/jobs/{'a' * 32}", timeout=5,
+                             headers={"Authorization": f"Bearer {key}"})
     finally:
         server.send_signal(signal.SIGTERM)
         _, stderr = server.communicate(timeout=60)
@@ -72,4 +75,5 @@ def test_serve_writes_json_lines_when_asked(tmp_path, closed_port):
     assert any(line["logger"].startswith("uvicorn") for line in lines)
     [access] = [line for line in lines if line["logger"] == "qforge.access"]  # and uvicorn's access log is off
     assert (access["route"], access["status"], access["job_id"]) == ("/v1/jobs/{job_id}", 404, "a" * 32)
-    assert access["request_id"] == response.headers["x-request-id"]
+    assert access["request_id"] == response.headers["x-request-id"] and access["tenant_id"] == "default"
+    assert any(key in line["message"] for line in lines if line["level"] == "warning")  # the new key, said once

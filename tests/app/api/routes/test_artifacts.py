@@ -184,3 +184,9 @@ def test_an_unreachable_store_is_a_503_and_not_ready(client, finished_job, monke
     ready = client.get("/readyz")
     assert ready.status_code == 503 and "could not reach bucket" in ready.json()["checks"]["artifact_store"]
 
+
+
+def test_a_link_with_a_non_ascii_signature_is_invalid_not_an_error(client):
+    # found by the schema fuzzer: hmac.compare_digest refuses non-ASCII str and raised a 500
+    answer = client.get("/v1/artifacts/x.tar", params={"expires": 1, "signature": "×ø\u009b"})
+    assert answer.status_code == 403 and answer.json()["type"].endswith("/link-invalid")
