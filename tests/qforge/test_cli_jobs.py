@@ -16,6 +16,7 @@ import pytest
 
 from qforge.client import Client
 from quantcore.recipe import PRESETS
+from tests.e2e.conftest import TEST_API_KEY
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
