@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from app.core.config import get_settings
-from model_builders import folder_files, tar_bytes, tiny_hf_folder, zip_bytes
+from bench.model_builders import folder_files, tar_bytes, tiny_hf_folder, zip_bytes
 
 PROBLEM = "https://qforge.dev/problems/"
 MB = 2**20
