@@ -28,10 +28,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+from safetensors.numpy import save as safetensors_save
 
 from bench.model_builders import folder_files, gguf_bytes, gguf_string, tar_bytes, tiny_hf_folder, zip_bytes
+
+if TYPE_CHECKING:
+    import httpx
 
 MODELS, DATASETS = "/v1/models", "/v1/datasets"
 PROBLEM = "https://qforge.dev/problems/"
@@ -86,12 +91,14 @@ class HostileUpload:
 
 
 # --- archive members no honest archiver writes -----------------------------------------------
-def _tar_with(files: dict[str, bytes], *special: tarfile.TarInfo) -> bytes:
+def _tar_gz(members: list[tuple[str, bytes]], *special: tarfile.TarInfo) -> bytes:
+    """Members in order, so that a name can come twice; `special` (links, devices, folders)
+    first: a later member could otherwise write through a link."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for info in special:  # first: a later member could otherwise write through a link
+        for info in special:
             tar.addfile(info)
-        for name, content in files.items():
+        for name, content in members:
             info = tarfile.TarInfo(name)
             info.size = len(content)
             tar.addfile(info, io.BytesIO(content))
@@ -112,26 +119,6 @@ def _zip_with_symlink(files: dict[str, bytes]) -> bytes:
         zf.writestr(info, "/etc/passwd")
         for name, content in files.items():
             zf.writestr(name, content)
-    return buffer.getvalue()
-
-
-def _tar_twice(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, content in [*files.items(), ("config.json", b'{"model_type": "llama", "auto_map": {}}')]:
-            info = tarfile.TarInfo(name)
-            info.size = len(content)
-            tar.addfile(info, io.BytesIO(content))
-    return buffer.getvalue()
-
-
-def _tar_of_folders(count: int) -> bytes:
-    """Folder members only: the service creates each folder before it counts the next, and
-    folders cost it no fsync, so the case stays quick."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for i in range(count):
-            tar.addfile(_special(f"d/{i:05}", tarfile.DIRTYPE))
     return buffer.getvalue()
 
 
@@ -300,10 +287,14 @@ def build_corpus(folder: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES)
     # links, devices, names given twice, too many members
     for what, (info, words) in TAR_SPECIALS.items():
         add(f"tar.gz {what}", MODELS, "model.tar.gz",
-            lambda i=info: _tar_with({k: v for k, v in m.hf.items() if k != i.name}, i), *unsafe, info.name, *words)
+            lambda i=info: _tar_gz([(k, v) for k, v in m.hf.items() if k != i.name], i), *unsafe, info.name, *words)
     add("zip symlink", MODELS, "model.zip", lambda: _zip_with_symlink(m.hf), *unsafe, "evil-link", "symlink")
-    add("tar.gz member given twice", MODELS, "model.tar.gz", lambda: _tar_twice(m.hf), *unsafe, "config.json", "twice")
-    add("tar.gz of too many members", MODELS, "model.tar.gz", lambda: _tar_of_folders(MAX_MEMBERS + 1),
+    add("tar.gz member given twice", MODELS, "model.tar.gz",
+        lambda: _tar_gz([*m.hf.items(), ("config.json", b'{"model_type": "llama", "auto_map": {}}')]),
+        *unsafe, "config.json", "twice")
+    # folders: the service makes each before it counts the next, and a folder costs it no fsync
+    add("tar.gz of too many members", MODELS, "model.tar.gz",
+        lambda: _tar_gz([], *(_special(f"d/{i:05}", tarfile.DIRTYPE) for i in range(MAX_MEMBERS + 1))),
         413, "archive-too-many-members", f"more than {MAX_MEMBERS:,}")
     add("zip of too many members", MODELS, "model.zip",
         lambda: zip_bytes({f"f/{i:05}.txt": b"" for i in range(MAX_MEMBERS + 1)}),
@@ -366,7 +357,7 @@ def build_corpus(folder: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES)
         415, "unsupported-model-format", "config.json")
     remote = (422, "remote-code-refused")
     add("config.json with auto_map", MODELS, "model.tar.gz",
-        lambda: tar_bytes(m.json_with("config.json", auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})),
+        lambda: tar_bytes(m.json_with("config.json", auto_map={"AutoModelForCausalLM": "modeling_evil.Evil"})),
         *remote, "auto_map", "trust_remote_code")
     add("tokenizer_config.json with auto_map", MODELS, "model.zip",
         lambda: zip_bytes(m.json_with("tokenizer_config.json", auto_map={"AutoTokenizer": ["evil.Tok", None]})),
@@ -376,6 +367,10 @@ def build_corpus(folder: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES)
     add("architecture transformers does not know", MODELS, "model.tar.gz",
         lambda: tar_bytes(m.json_with("config.json", model_type="evil-net", architectures=["EvilForCausalLM"])),
         422, "unsupported-architecture", "evil-net")
+    # the worker builds a classic model from "module:Class" in a table; a config naming any other is refused
+    add("safetensors whose config names an importable path", MODELS, "model.safetensors",
+        lambda: safetensors_save({"w": np.zeros(2, np.float32)}), 422, "unknown-architecture", "os:system",
+        data={"config": '{"architecture": "os:system"}'})
     add("truncated tar.gz", MODELS, "model.tar.gz", lambda: (t := tar_bytes(m.hf))[: len(t) // 2],
         422, "invalid-archive")
     # GGUF whose header lies
@@ -409,7 +404,8 @@ def send(client, upload: HostileUpload):
                 yield chunk
         yield f"\r\n--{boundary}--\r\n".encode()
 
-    return client.post(upload.endpoint, content=body(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    media = f"multipart/form-data; boundary={boundary}"
+    return client.post(upload.endpoint, content=body(), headers={"content-type": media})
 
 
 def _entries(data_dir: Path) -> set[Path]:
@@ -430,7 +426,7 @@ def _total(client, endpoint: str) -> int:
 @dataclass
 class Outcome:
     upload: HostileUpload
-    response: object  # an httpx.Response
+    response: httpx.Response
     rows_added: int  # rows the upload's endpoint lists now that it did not before
     leftovers: list[Path]  # new entries under the data folder's models/ and datasets/
     escapes: list[Path]  # new files where an archive member aimed (see _escapes)
