@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from model_builders import HIDDEN, folder_files, tar_bytes, tiny_gguf, tiny_hf_folder, zip_bytes
+from bench.model_builders import HIDDEN, folder_files, tar_bytes, tiny_gguf, tiny_hf_folder, zip_bytes
 
 PROBLEM = "https://qforge.dev/problems/"
 SMOLLM2_VOCAB = 49152

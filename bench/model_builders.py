@@ -1,11 +1,13 @@
-"""Real models, tiny, built at test time for the upload tests: a Hugging Face folder (a
-one-layer Llama with MiniLM's tokenizer) and a GGUF file (a one-layer llama with SmolLM2's
-tokenizer), and the archives that carry them."""
+"""Real models, tiny, built on the spot for the upload tests and the hostile-upload corpus
+(bench/hostile_corpus.py): a Hugging Face folder (a one-layer Llama with MiniLM's tokenizer),
+a GGUF file (a one-layer llama with SmolLM2's tokenizer), GGUF files written field by field
+(so that any field can lie), and the archives that carry them."""
 
 from __future__ import annotations
 
 import io
 import shutil
+import struct
 import tarfile
 import zipfile
 from pathlib import Path
@@ -97,3 +99,26 @@ def tiny_gguf(path: Path, lie: dict | None = None) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def gguf_string(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack("<Q", len(data)) + data
+
+
+def gguf_bytes(tensors=None, kv=None, tensor_count=None, data: bytes | None = None) -> bytes:
+    """A GGUF v3 file written field by field, so any field can lie. Honest by default: llama
+    metadata, a tokenizer name and one 4x8 f32 tensor."""
+    kv = kv if kv is not None else [
+        gguf_string("general.architecture") + struct.pack("<I", 8) + gguf_string("llama"),
+        gguf_string("tokenizer.ggml.model") + struct.pack("<I", 8) + gguf_string("gpt2"),
+    ]
+    tensors = tensors if tensors is not None else [("token_embd.weight", [8, 4], 0, 0)]
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors) if tensor_count is None else tensor_count, len(kv))
+    body = b"".join(kv)
+    for name, dims, ggml_type, offset in tensors:
+        body += gguf_string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+        body += struct.pack("<IQ", ggml_type, offset)
+    header = head + body
+    header += bytes(-len(header) % 32)
+    return header + (data if data is not None else bytes(4 * 8 * 4))
