@@ -137,10 +137,15 @@ def run_hostile(folder: Path) -> dict:
 
     from bench import hostile_corpus
 
-    with in_process(folder / "hostile") as (app, settings):
-        client = TestClient(app, headers={"Authorization": f"Bearer {make_key('hostile')}"})
-        result = hostile_corpus.run_corpus(client, folder / "corpus", settings.data_dir)
-    return {"hostile_uploads": result.sent, "hostile_accepted": result.accepted, "details": result.summary()}
+    # the smallest upload limit the corpus allows: its oversized cases stay cheap to build and send
+    os.environ["QFORGE_MAX_UPLOAD_BYTES"] = str(32 * 2**20)
+    try:
+        with in_process(folder / "hostile") as (app, settings):
+            client = TestClient(app, headers={"Authorization": f"Bearer {make_key('hostile')}"})
+            result = hostile_corpus.run_corpus(client, folder / "corpus", settings.data_dir, settings.max_upload_bytes)
+    finally:
+        del os.environ["QFORGE_MAX_UPLOAD_BYTES"]
+    return {"hostile_uploads": result.sent, "hostile_accepted": len(result.accepted), "details": result.summary()}
 
 
 def run_load_on(folder: Path, label: str, clients: int, duration_s: float, **settings: str) -> dict:
