@@ -198,6 +198,12 @@ def lost_jobs(settings: Settings) -> list[Job]:
         return list(session.scalars(select(Job).where(Job.status == JobStatus.RUNNING, _lapsed(settings, utcnow()))))
 
 
+def queued_job_ids() -> list[str]:
+    """Queued jobs, oldest first (the order their messages were first sent)."""
+    with session_scope() as session:
+        return list(session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED).order_by(Job.created_at)))
+
+
 def may_retry(job: Job, settings: Settings) -> bool:
     return not job.cancel_requested and job.attempts < settings.max_job_attempts
 

@@ -46,3 +46,21 @@ def test_the_reaper_logs_a_retry_and_giving_up(new_job, settings, monkeypatch):
     with session_scope() as session:
         restarted = joblog.read(session, retry, after=requeued.id)
     assert [(r.message, r.attempt) for r in restarted] == [(f"restarted: attempt 2 of {settings.max_job_attempts}", 2)]
+
+
+def test_queued_jobs_are_sent_again_when_the_worker_connects(new_job, settings, monkeypatch):
+    sent = []
+    monkeypatch.setattr("worker.celery_app.celery_app.send_task", lambda name, args, task_id: sent.append((name, args, task_id)))
+    first, second = new_job(), new_job()
+    new_job(status=JobStatus.RUNNING, attempts=1, heartbeat_at=utcnow())  # the reaper's, not this
+    new_job(status=JobStatus.SUCCEEDED)
+
+    reaper.resend_queued_jobs()
+
+    assert sorted(sent) == sorted(("worker.tasks.run_quantization_job", [j], j) for j in (first, second))
+
+
+def test_the_resender_is_a_consumer_step_so_it_runs_again_after_the_broker_returns():
+    from worker.celery_app import celery_app
+
+    assert reaper.QueuedJobResender in celery_app.steps["consumer"]
