@@ -14,10 +14,12 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app import joblog
 from app.core.config import Settings
@@ -25,6 +27,9 @@ from app.core.db import session_scope
 from app.models import TERMINAL, Job, JobStatus, LogLevel, utcnow
 
 log = logging.getLogger(__name__)
+
+DATABASE_DOWN = (OperationalError, InterfaceError)  # what a database restart raises
+OUTCOME_RETRY_S = 300  # how long a finished run keeps trying to record its outcome
 
 
 class LostClaim(Exception):
@@ -155,6 +160,11 @@ def record_progress(
         return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
+def cancel_requested(job_id: str) -> bool:
+    with session_scope() as session:
+        return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
 def heartbeat(job_id: str, attempt: int) -> bool:
     """Returns False when this run no longer owns the job."""
     with session_scope() as session:
@@ -162,13 +172,24 @@ def heartbeat(job_id: str, attempt: int) -> bool:
 
 
 def _finish(job_id: str, attempt: int, status: JobStatus, line: tuple[LogLevel, str], **values: Any) -> None:
-    with session_scope() as session:
-        written = session.execute(
-            update(Job).where(*_owned(job_id, attempt)).values(status=status, finished_at=utcnow(), **values)
-        ).rowcount
-        if written == 1:
-            stage = session.scalar(select(Job.progress_stage).where(Job.id == job_id))
-            joblog.append(session, job_id, line[1], line[0], stage=stage, attempt=attempt)
+    """Record a run's outcome; through a database outage it tries again every 2 s for up to
+    OUTCOME_RETRY_S (if the job is taken over meanwhile, the write matches no row)."""
+    deadline = time.monotonic() + OUTCOME_RETRY_S
+    while True:
+        try:
+            with session_scope() as session:
+                written = session.execute(
+                    update(Job).where(*_owned(job_id, attempt)).values(status=status, finished_at=utcnow(), **values)
+                ).rowcount
+                if written == 1:
+                    stage = session.scalar(select(Job.progress_stage).where(Job.id == job_id))
+                    joblog.append(session, job_id, line[1], line[0], stage=stage, attempt=attempt)
+            break
+        except DATABASE_DOWN as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("job %s: outcome not recorded, the database did not answer (%s); trying again", job_id, exc)
+            time.sleep(2.0)
     if written != 1:
         raise LostClaim(f"job {job_id}: attempt {attempt} no longer owns the job; its outcome is not recorded")
 
