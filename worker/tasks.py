@@ -6,6 +6,7 @@ states, keeps its files in order and turns exceptions into readable reasons.
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 from pathlib import Path
@@ -22,7 +23,12 @@ log = logging.getLogger(__name__)
 def run_quantization_job(self, job_id: str) -> None:
     """Idempotent: a job that is finished, or held by a live run elsewhere, is not run again."""
     settings = get_settings()
-    claim = state.claim(job_id, settings)
+    try:
+        claim = state.claim(job_id, settings)
+    except state.DATABASE_DOWN as exc:
+        # The message must outlive the outage: acknowledged now, the job would stay queued.
+        log.warning("job %s: the database did not answer (%s); trying again in 5 s", job_id, exc)
+        raise self.retry(countdown=5) from None
     if claim.action is state.Action.WAIT:
         # A redelivered message while the job's previous run may still be alive: look
         # again once its heartbeat could have lapsed.
@@ -76,15 +82,17 @@ def _run_and_record(job_id: str, attempt: int, request_data: dict, settings: Set
     from worker.progress import ProgressReporter
 
     beat_s = min(10.0, settings.job_heartbeat_timeout / 4)
+    progress = ProgressReporter(job_id, attempt, heartbeat_interval_s=beat_s)
     try:
         request = JOB_SPEC.validate_python(request_data)
         local = settings.allow_local_model_paths
-        with ProgressReporter(job_id, attempt, heartbeat_interval_s=beat_s) as progress:
-            if isinstance(request, ClassicJobRequest):
-                locate = lambda what, ref: upload_folder(settings, what, ref)  # noqa: E731
-                report = run_classic_job(request, work, progress, allow_local_paths=local, locate=locate)
-            else:
-                report = quantcore.job.run_job(request, work, progress, allow_local_paths=local)
+        with progress:
+            with progress.interruptible():  # not the store's upload: it must not stop halfway
+                if isinstance(request, ClassicJobRequest):
+                    locate = lambda what, ref: upload_folder(settings, what, ref)  # noqa: E731
+                    report = run_classic_job(request, work, progress, allow_local_paths=local, locate=locate)
+                else:
+                    report = quantcore.job.run_job(request, work, progress, allow_local_paths=local)
             # one archive per exported format; the report says which file, sha256 and size each is
             artifacts = report.setdefault("artifacts", [{"format": "qforge", "folder": "artifact"}])
             store = store_for(settings)
@@ -105,6 +113,10 @@ def _run_and_record(job_id: str, attempt: int, request_data: dict, settings: Set
         log.info("job %s: cancelled", job_id)
     except Exception as exc:
         _discard_archives(settings, job_id)
+        if progress.cancelled.is_set():  # the interruption surfaced as another error
+            state.cancel(job_id, attempt)
+            log.info("job %s: cancelled (%s)", job_id, failure_reason(exc))
+            return
         state.fail(job_id, attempt, failure_reason(exc))
         log.warning("job %s: failed: %s", job_id, failure_reason(exc), exc_info=True)
 
@@ -118,11 +130,39 @@ def upload_folder(settings: Settings, what: str, ref: str) -> Path:
     return folder
 
 
+# What running out of a resource looks like, as errno or as the text of libraries that
+# wrap it (safetensors' Rust errors, torch's allocator).
+OUT_OF_DISK = ({errno.ENOSPC, errno.EDQUOT}, ("No space left on device", "Disk quota exceeded", "StorageFull"))
+OVER_FILE_LIMIT = ({errno.EFBIG}, ("File too large", "FileTooLarge"))
+OUT_OF_MEMORY = ({errno.ENOMEM}, ("can't allocate memory", "Cannot allocate memory", "out of memory"))
+
+
 def failure_reason(exc: BaseException) -> str:
-    """What a user reads on a failed job: the exception's type and message, no traceback."""
+    """What a user reads on a failed job: the exception's type and message, no traceback,
+    after what ran out when the cause was the worker's disk or memory."""
     message = str(exc).strip()
     reason = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    if cause := _exhausted(exc):
+        reason = f"{cause}: {reason}"
     return reason if len(reason) <= 2000 else reason[:1999] + "…"
+
+
+def _exhausted(exc: BaseException) -> str | None:
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen and len(seen) < 10:  # the exception and its causes
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for cause, (errnos, texts) in (
+        ("out of disk space on the worker", OUT_OF_DISK),
+        ("a file grew past the worker's file-size limit (out of disk space or quota)", OVER_FILE_LIMIT),
+        ("out of memory on the worker", OUT_OF_MEMORY),
+    ):
+        for e in seen:
+            if getattr(e, "errno", None) in errnos or any(t in str(e) for t in texts):
+                return cause
+        if cause.startswith("out of memory") and any(isinstance(e, MemoryError) for e in seen):
+            return cause
+    return None
 
 
 def _remove(folder: Path) -> None:
