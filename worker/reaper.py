@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 def reap_lost_jobs() -> None:
     from worker import state
     from worker.celery_app import RUN_JOB_TASK, celery_app
+    from worker.tasks import discard_files
 
     settings = get_settings()
     try:
@@ -43,7 +44,8 @@ def reap_lost_jobs() -> None:
                 state.mark_requeued(job, settings)
                 log.warning("job %s: worker lost during attempt %d, requeued", job.id, job.attempts)
             else:
-                state.abandon(job, settings)
+                if state.abandon(job, settings):
+                    discard_files(settings, job.id)
                 log.warning("job %s: worker lost during attempt %d, not retried", job.id, job.attempts)
         except Exception:
             log.exception("job %s: could not recover it from its lost worker", job.id)

@@ -47,6 +47,7 @@ class Claim:
     action: Action
     attempt: int = 0
     request: dict[str, Any] | None = None
+    abandoned: bool = False  # this claim just gave the job up: its lost run's files are left over
 
 
 def _owned(job_id: str, attempt: int):
@@ -74,8 +75,7 @@ def claim(job_id: str, settings: Settings) -> Claim:
             if not _heartbeat_lapsed(job, now, settings):
                 return Claim(Action.WAIT)
             if not may_retry(job, settings):
-                _finish_abandoned(session, job, settings, now)
-                return Claim(Action.SKIP)
+                return Claim(Action.SKIP, abandoned=_finish_abandoned(session, job, settings, now))
         attempts = job.attempts  # read before the UPDATE, which refreshes the loaded row
         unchanged = [Job.id == job_id, Job.status == job.status, Job.attempts == attempts]
         if job.status == JobStatus.RUNNING:
@@ -117,8 +117,9 @@ def _lapsed(settings: Settings, now: dt.datetime):
     return or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < _cutoff(settings, now))
 
 
-def _finish_abandoned(session, job: Job, settings: Settings, now: dt.datetime) -> None:
-    """End a running job whose worker was lost and which must not run again."""
+def _finish_abandoned(session, job: Job, settings: Settings, now: dt.datetime) -> bool:
+    """End a running job whose worker was lost and which must not run again; False when the
+    row changed meanwhile (another worker ended it first)."""
     if job.cancel_requested:
         values = {"status": JobStatus.CANCELLED, "progress_message": "cancelled (its worker was lost)"}
         line = (LogLevel.WARNING, "cancelled (its worker was lost)")
@@ -132,6 +133,7 @@ def _finish_abandoned(session, job: Job, settings: Settings, now: dt.datetime) -
     ).rowcount
     if written == 1:
         joblog.append(session, job.id, line[1], line[0], stage=job.progress_stage, attempt=job.attempts)
+    return written == 1
 
 
 def record_progress(
@@ -242,6 +244,6 @@ def mark_requeued(job: Job, settings: Settings) -> None:
             joblog.append(session, job.id, message, LogLevel.WARNING, stage=job.progress_stage, attempt=job.attempts)
 
 
-def abandon(job: Job, settings: Settings) -> None:
+def abandon(job: Job, settings: Settings) -> bool:
     with session_scope() as session:
-        _finish_abandoned(session, job, settings, utcnow())
+        return _finish_abandoned(session, job, settings, utcnow())

@@ -35,6 +35,8 @@ def run_quantization_job(self, job_id: str) -> None:
         raise self.retry(countdown=settings.job_heartbeat_timeout)
     if claim.action is state.Action.RUN:
         execute(job_id, claim.attempt, claim.request or {}, settings)
+    elif claim.abandoned:
+        discard_files(settings, job_id)
 
 
 def artifact_file(job_id: str, fmt: str, main: bool) -> str:
@@ -58,6 +60,13 @@ def _discard_archives(settings: Settings, job_id: str) -> None:
             store.delete(name)
         except ArtifactStoreError:  # the job's outcome matters more; the file is unlisted anyway
             log.exception("job %s: could not remove %s from the artifact store", job_id, name)
+
+
+def discard_files(settings: Settings, job_id: str) -> None:
+    """What a lost run of a job that will not run again left: its work folder (on this
+    machine) and any archive it stored before it died."""
+    _discard_archives(settings, job_id)
+    _remove(settings.work_dir / job_id)
 
 
 def execute(job_id: str, attempt: int, request_data: dict, settings: Settings) -> None:

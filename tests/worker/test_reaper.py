@@ -11,6 +11,10 @@ def test_lost_jobs_are_requeued_or_failed_and_live_ones_left_alone(new_job, load
     retry = new_job(status=JobStatus.RUNNING, attempts=1, heartbeat_at=stale)
     exhausted = new_job(status=JobStatus.RUNNING, attempts=2, heartbeat_at=stale)
     alive = new_job(status=JobStatus.RUNNING, attempts=1, heartbeat_at=utcnow())
+    for job_id in (retry, exhausted):  # what the lost runs left: a half-written artifact, an archive
+        (settings.work_dir / job_id / "artifact").mkdir(parents=True)
+        (settings.work_dir / job_id / "artifact" / "model.safetensors").write_bytes(b"half")
+        (settings.artifact_dir / f"{job_id}.tar").write_bytes(b"stored just before the worker died")
 
     reaper.reap_lost_jobs()
 
@@ -19,6 +23,9 @@ def test_lost_jobs_are_requeued_or_failed_and_live_ones_left_alone(new_job, load
     assert load_job(exhausted).status == JobStatus.FAILED
     assert "gave up after 2 attempts" in load_job(exhausted).error
     assert load_job(alive).status == JobStatus.RUNNING
+    # a job given up on keeps no files; one requeued keeps them until its next run starts afresh
+    assert not (settings.work_dir / exhausted).exists() and not (settings.artifact_dir / f"{exhausted}.tar").exists()
+    assert (settings.work_dir / retry).exists()
 
 
 def test_the_reaper_logs_a_retry_and_giving_up(new_job, settings, monkeypatch):
