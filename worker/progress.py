@@ -120,7 +120,7 @@ class ProgressReporter:
             try:
                 cancelled = state.record_progress(self.job_id, self.attempt, stage, current, total, percent, message, log_line)
             except state.DATABASE_DOWN as exc:
-                log.warning("job %s: progress not written, the database did not answer: %s", self.job_id, exc)
+                log.warning("job %s: progress not written, the database did not answer: %s", self.job_id, exc.orig)
                 return
         if cancelled:
             self.cancelled.set()
@@ -138,7 +138,9 @@ class ProgressReporter:
                 if not self.cancelled.is_set() and state.cancel_requested(self.job_id):
                     self.cancelled.set()
                     self._interrupt()
-            except Exception:  # a database blip: the next beat may succeed, before the timeout
+            except state.DATABASE_DOWN as exc:  # the next beat may succeed, before the timeout
+                log.warning("job %s: heartbeat not written, the database did not answer: %s", self.job_id, exc.orig)
+            except Exception:
                 log.exception("job %s: heartbeat failed", self.job_id)
 
     def _interrupt(self) -> None:
