@@ -10,7 +10,8 @@ That thread also reads `cancel_requested` every second. Progress calls can be fa
 (a slow evaluation window, loading, writing the artifact), so inside `interruptible()` it
 raises `JobCancelled` in the job's thread at once, between two Python steps, wherever the
 pipeline is. Never inside a database write: the thread raises it only while holding the
-lock the job's thread holds for each write, and the job's thread checks for it there.
+lock the job's thread holds for each write, so it lands before a write begins or after it
+has ended.
 
 A database outage does not fail the job: progress writes are skipped until it answers
 again (the job's outcome is written with retries, in worker.state).
