@@ -111,7 +111,7 @@ def request_cancel(session: Session, job_id: str) -> str | None:
     if queued:
         joblog.append(session, job_id, "cancelled before it started", LogLevel.WARNING)
     elif running:
-        joblog.append(session, job_id, "cancellation requested; the worker stops at its next progress report", LogLevel.WARNING)
+        joblog.append(session, job_id, "cancellation requested; a running job stops within about a second", LogLevel.WARNING)
     session.commit()
     if not changed:
         return None

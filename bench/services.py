@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -98,9 +99,15 @@ def qforge(*args: str, env: dict[str, str]) -> str:
     return done.stdout
 
 
+@dataclass(frozen=True)
+class RunningService:
+    url: str
+    pid: int  # the `qforge serve` process: its worker is a child (bench/chaos.py kills it)
+
+
 @contextmanager
-def qforge_service(data_dir: Path, env: dict[str, str], with_worker: bool = True) -> Iterator[str]:
-    """`qforge serve` on a free port, ready; yields its base URL. Its log is <data_dir>.log."""
+def qforge_service(data_dir: Path, env: dict[str, str], with_worker: bool = True) -> Iterator[RunningService]:
+    """`qforge serve` on a free port, ready; yields its URL and process id. Its log is <data_dir>.log."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = data_dir.with_suffix(".log")
@@ -121,7 +128,7 @@ def qforge_service(data_dir: Path, env: dict[str, str], with_worker: bool = True
             if time.monotonic() > deadline:
                 raise RuntimeError(f"qforge serve not ready: {log_path.read_text(errors='replace')[-3000:]}")
             time.sleep(0.5)
-        yield url
+        yield RunningService(url, process.pid)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

@@ -168,7 +168,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if job.status.value == "cancelled":
         print(f"{job.id} cancelled")
     else:
-        print(f"{job.id} cancel requested: it is running, and stops at its next progress report")
+        print(f"{job.id} cancel requested: it is running, and stops within about a second")
     return ExitCode.OK
 
 

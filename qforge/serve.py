@@ -1,8 +1,11 @@
 """`qforge serve`: the API in the foreground and a real Celery worker as its child.
 
-The worker starts first, and the API only once the worker consumes jobs; if the worker
-dies, at start or later, serve stops with a non-zero exit. On SIGINT or SIGTERM the API
-shuts down, then the worker: warm first (it may finish its job), cold after a grace
+The worker starts first, and the API only once the worker consumes jobs; a worker that
+cannot start stops serve with a non-zero exit. A worker that dies later (killed, out of
+memory) is started again after a backoff, as a process supervisor would: its interrupted
+job is recovered from its heartbeat (worker.reaper). Only when `MAX_FAILED_STARTS` starts
+in a row fail does serve give up and stop with a non-zero exit. On SIGINT or SIGTERM the
+API shuts down, then the worker: warm first (it may finish its job), cold after a grace
 period (the interrupted job's message goes back to the queue and it runs again later).
 """
 
@@ -25,6 +28,9 @@ log = logging.getLogger("qforge.serve")
 WORKER_START_TIMEOUT_S = 180
 WARM_STOP_GRACE_S = 10
 COLD_STOP_GRACE_S = 10
+RESTART_BACKOFF_S = (1, 2, 4, 8, 15)  # before each start after a death; the last one repeats
+MAX_FAILED_STARTS = 5  # starts in a row that never became ready before serve gives up
+HEALTHY_AFTER_S = 30  # a worker that lived this long resets the backoff
 
 
 class _Stop(Exception):
@@ -42,12 +48,10 @@ def serve(settings: Settings, with_worker: bool = True) -> int:
     signal.signal(signal.SIGTERM, _raise_stop)
     migrate()
     _bootstrap_key(settings)
-    worker: subprocess.Popen | None = None
+    worker = WorkerSupervisor(settings) if with_worker else None
     try:
-        if with_worker:
-            worker, ready = _spawn_worker(settings)
-            if not _wait_until_ready(worker, ready):
-                return 1
+        if worker is not None and not worker.start():
+            return 1
         # log_config=None: uvicorn's lines go through the root logger's format (QFORGE_LOG_FORMAT,
         # set up by the CLI); no access log: app/middleware.py logs each request with more.
         config = uvicorn.Config(
@@ -55,12 +59,11 @@ def serve(settings: Settings, with_worker: bool = True) -> int:
             log_config=None, access_log=False,
         )
         server = uvicorn.Server(config)
-        died = threading.Event()
         if worker is not None:
-            threading.Thread(target=_watch, args=(worker, server, died), daemon=True).start()
+            threading.Thread(target=worker.supervise, args=(server,), name="worker-supervisor", daemon=True).start()
         # uvicorn handles SIGINT/SIGTERM while it runs, then re-raises them: _raise_stop.
         server.run()
-        return 1 if died.is_set() else 0
+        return 1 if worker is not None and worker.gave_up.is_set() else 0
     except _Stop as stop:
         log.info("%s received, stopping", stop)
         return 0
@@ -70,7 +73,66 @@ def serve(settings: Settings, with_worker: bool = True) -> int:
             # must not cut it short and leave the worker behind.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            _stop_worker(worker)
+            worker.stop()
+
+
+class WorkerSupervisor:
+    """The worker process, started again whenever it dies until serve stops."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.process: subprocess.Popen | None = None
+        self.gave_up = threading.Event()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # no new worker is spawned once stop() has begun
+
+    def start(self) -> bool:
+        """Spawn a worker and wait until it consumes; False when it exits or times out first."""
+        with self._lock:
+            if self._stopping.is_set():
+                return False
+            self.process, ready = _spawn_worker(self.settings)
+        if _wait_until_ready(self.process, ready):
+            return True
+        _stop_worker(self.process)  # one that timed out may still be running
+        return False
+
+    def supervise(self, server) -> None:
+        """Thread body: wait for the worker to die, then start another after a backoff that
+        grows while workers keep dying young. The workers it starts get SIGTERM when this
+        thread ends (PR_SET_PDEATHSIG follows the thread that forked), which it only does
+        once serve is stopping anyway."""
+        short_lives = 0
+        while True:
+            ready_at = time.monotonic()
+            code = self.process.wait()
+            if self._stopping.is_set() or server.should_exit:
+                return
+            short_lives = short_lives + 1 if time.monotonic() - ready_at < HEALTHY_AFTER_S else 0
+            failed_starts = 0
+            while True:
+                delay = RESTART_BACKOFF_S[min(short_lives + failed_starts, len(RESTART_BACKOFF_S) - 1)]
+                log.error("the worker exited with code %s; starting another in %d s", code, delay)
+                if self._stopping.wait(delay):
+                    return
+                if self.start():
+                    break
+                if self._stopping.is_set():
+                    return
+                code = self.process.returncode
+                failed_starts += 1
+                if failed_starts >= MAX_FAILED_STARTS:
+                    log.error("the worker failed to start %d times in a row; stopping the API", failed_starts)
+                    self.gave_up.set()
+                    server.should_exit = True
+                    return
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            process = self.process
+        if process is not None:
+            _stop_worker(process)
 
 
 def _bootstrap_key(settings: Settings) -> None:
@@ -126,15 +188,6 @@ def _wait_until_ready(worker: subprocess.Popen, ready: Path) -> bool:
     ready.unlink(missing_ok=True)
     log.info("worker ready (pid %d)", worker.pid)
     return True
-
-
-def _watch(worker: subprocess.Popen, server, died: threading.Event) -> None:
-    """Stop the API if the worker dies: queued jobs would otherwise wait forever."""
-    code = worker.wait()
-    if not server.should_exit:
-        log.error("the worker exited with code %s; stopping the API", code)
-        died.set()
-        server.should_exit = True
 
 
 def _stop_worker(worker: subprocess.Popen) -> None:

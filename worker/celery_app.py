@@ -18,7 +18,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from app.core.config import Settings, get_settings
 from worker.janitor import ArtifactJanitor
-from worker.reaper import JobReaper
+from worker.reaper import JobReaper, QueuedJobResender
 from worker.webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ def create_celery(settings: Settings) -> Celery:
     app.steps["worker"].add(JobReaper)
     app.steps["worker"].add(ArtifactJanitor)
     app.steps["worker"].add(WebhookDispatcher)
+    app.steps["consumer"].add(QueuedJobResender)
     return app
 
 

@@ -6,15 +6,28 @@ job row at most twice a second, and always on a stage change, and that write als
 thread keeps the heartbeat going when progress calls are far apart (loading a large model,
 one slow layer), so a long step is not mistaken for a lost worker.
 
+That thread also reads `cancel_requested` every second. Progress calls can be far apart
+(a slow evaluation window, loading, writing the artifact), so inside `interruptible()` it
+raises `JobCancelled` in the job's thread at once, between two Python steps, wherever the
+pipeline is. Never inside a database write: the thread raises it only while holding the
+lock the job's thread holds for each write, so it lands before a write begins or after it
+has ended.
+
+A database outage does not fail the job: progress writes are skipped until it answers
+again (the job's outcome is written with retries, in worker.state).
+
 The job's log gets a line when a stage starts and one per `note`, not the throttled layer
 updates between them (app/joblog.py says why).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from quantcore.job import STAGES, JobCancelled
 from worker import state
@@ -22,6 +35,7 @@ from worker import state
 log = logging.getLogger(__name__)
 
 MIN_WRITE_INTERVAL_S = 0.5
+CANCEL_POLL_S = 1.0
 
 
 def overall_percent(stage: str, current: int, total: int) -> float:
@@ -44,11 +58,33 @@ class ProgressReporter:
         self._last_write = 0.0
         self._lost = threading.Event()
         self._stop = threading.Event()
+        self.cancelled = threading.Event()  # seen by either thread
+        self._lock = threading.Lock()  # held by the job's thread for each write, by the other to interrupt it
+        self._armed = False
+        self._interrupted = False
+        self._job_thread = 0
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
 
     def __enter__(self) -> ProgressReporter:
+        self._job_thread = threading.get_ident()
         self._thread.start()
         return self
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Within the block, a cancellation raises JobCancelled in it within CANCEL_POLL_S."""
+        with self._lock:
+            self._armed = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._armed = False
+                interrupted = self._interrupted
+                if interrupted:
+                    _raise_in_thread(self._job_thread, None)  # withdraw it, in case it is still pending
+        if interrupted:
+            raise JobCancelled(f"job {self.job_id} cancelled by request")
 
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
@@ -56,6 +92,8 @@ class ProgressReporter:
 
     def __call__(self, stage: str, current: int, total: int, message: str = "") -> None:
         self._check_claim()  # also on throttled calls: a taken-over run stops at once
+        if self.cancelled.is_set():
+            raise JobCancelled(f"job {self.job_id} cancelled by request")
         self._position = (stage, current, total)
         if stage == self._stage and time.monotonic() - self._last_write < MIN_WRITE_INTERVAL_S:
             return
@@ -79,14 +117,42 @@ class ProgressReporter:
             self._logged_stage = stage
             log_line = f"{stage} started" + (f": {message}" if message else "")
         percent = overall_percent(stage, current, total)
-        if state.record_progress(self.job_id, self.attempt, stage, current, total, percent, message, log_line):
+        with self._lock:
+            try:
+                cancelled = state.record_progress(self.job_id, self.attempt, stage, current, total, percent, message, log_line)
+            except state.DATABASE_DOWN as exc:
+                log.warning("job %s: progress not written, the database did not answer: %s", self.job_id, exc.orig)
+                return
+        if cancelled:
+            self.cancelled.set()
             raise JobCancelled(f"job {self.job_id} cancelled by request")
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_interval_s):
+        next_beat = time.monotonic() + self.heartbeat_interval_s
+        while not self._stop.wait(min(CANCEL_POLL_S, self.heartbeat_interval_s)):
             try:
-                if not state.heartbeat(self.job_id, self.attempt):
-                    self._lost.set()
-                    return
-            except Exception:  # a database blip: the next beat may succeed, before the timeout
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.heartbeat_interval_s
+                    if not state.heartbeat(self.job_id, self.attempt):
+                        self._lost.set()
+                        return
+                if not self.cancelled.is_set() and state.cancel_requested(self.job_id):
+                    self.cancelled.set()
+                    self._interrupt()
+            except state.DATABASE_DOWN as exc:  # the next beat may succeed, before the timeout
+                log.warning("job %s: heartbeat not written, the database did not answer: %s", self.job_id, exc.orig)
+            except Exception:
                 log.exception("job %s: heartbeat failed", self.job_id)
+
+    def _interrupt(self) -> None:
+        with self._lock:  # never while the job's thread writes: it holds the lock then
+            if self._armed and not self._interrupted:
+                self._interrupted = True
+                _raise_in_thread(self._job_thread, JobCancelled)
+                log.info("job %s: cancellation requested; interrupting it", self.job_id)
+
+
+def _raise_in_thread(thread_id: int, exc_type: type[BaseException] | None) -> None:
+    """Raise `exc_type` in that thread at its next Python step (None withdraws a pending one)."""
+    exc = ctypes.py_object(exc_type) if exc_type is not None else None
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), exc)

@@ -4,6 +4,12 @@ A running job's worker writes a heartbeat every few seconds. When it stops for l
 `job_heartbeat_timeout`, the job is put back in the queue, or failed with the reason once
 it has used `max_job_attempts`, so it is never left `running` forever. Every worker checks
 periodically, from a timer in its main process.
+
+A queued job can lose its message too: a broker restarted without its data, or a worker
+killed while holding a message it had taken (the embedded SQL transport never gives such a
+message back). So each time a worker connects to the broker, at start and again after
+losing it, it sends every queued job's message again. A job that still had its message
+then has two, which is harmless: `state.claim` runs a job once.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ log = logging.getLogger(__name__)
 def reap_lost_jobs() -> None:
     from worker import state
     from worker.celery_app import RUN_JOB_TASK, celery_app
+    from worker.tasks import discard_files
 
     settings = get_settings()
     try:
@@ -39,10 +46,39 @@ def reap_lost_jobs() -> None:
                     state.mark_requeued(job, settings)
                     log.warning("job %s: worker lost during attempt %d, requeued", job.id, job.attempts)
                 else:
-                    state.abandon(job, settings)
+                    if state.abandon(job, settings):
+                        discard_files(settings, job.id)
                     log.warning("job %s: worker lost during attempt %d, not retried", job.id, job.attempts)
             except Exception:
                 log.exception("job %s: could not recover it from its lost worker", job.id)
+
+
+def resend_queued_jobs() -> None:
+    from worker import state
+    from worker.celery_app import RUN_JOB_TASK, celery_app
+
+    try:
+        queued = state.queued_job_ids()
+    except Exception:  # the database may be the thing that is down; the reaper covers running jobs
+        log.exception("could not look for queued jobs to send again")
+        return
+    for job_id in queued:
+        try:
+            celery_app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id)
+        except Exception:
+            log.exception("job %s: could not send its message again", job_id)
+            return
+    if queued:
+        log.info("sent the messages of %d queued job(s) again, in case the broker lost them", len(queued))
+
+
+class QueuedJobResender(bootsteps.StartStopStep):
+    """Consumer bootstep: `resend_queued_jobs` whenever the consumer (re)connects."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def start(self, consumer) -> None:
+        resend_queued_jobs()
 
 
 class JobReaper(bootsteps.StartStopStep):

@@ -14,10 +14,12 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app import joblog
 from app.core.config import Settings
@@ -25,6 +27,9 @@ from app.core.db import session_scope
 from app.models import TERMINAL, Job, JobStatus, LogLevel, utcnow
 
 log = logging.getLogger(__name__)
+
+DATABASE_DOWN = (OperationalError, InterfaceError)  # what a database restart raises
+OUTCOME_RETRY_S = 300  # how long a finished run keeps trying to record its outcome
 
 
 class LostClaim(Exception):
@@ -42,6 +47,7 @@ class Claim:
     action: Action
     attempt: int = 0
     request: dict[str, Any] | None = None
+    abandoned: bool = False  # this claim just gave the job up: its lost run's files are left over
 
 
 def _owned(job_id: str, attempt: int):
@@ -69,8 +75,7 @@ def claim(job_id: str, settings: Settings) -> Claim:
             if not _heartbeat_lapsed(job, now, settings):
                 return Claim(Action.WAIT)
             if not may_retry(job, settings):
-                _finish_abandoned(session, job, settings, now)
-                return Claim(Action.SKIP)
+                return Claim(Action.SKIP, abandoned=_finish_abandoned(session, job, settings, now))
         attempts = job.attempts  # read before the UPDATE, which refreshes the loaded row
         unchanged = [Job.id == job_id, Job.status == job.status, Job.attempts == attempts]
         if job.status == JobStatus.RUNNING:
@@ -112,8 +117,9 @@ def _lapsed(settings: Settings, now: dt.datetime):
     return or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < _cutoff(settings, now))
 
 
-def _finish_abandoned(session, job: Job, settings: Settings, now: dt.datetime) -> None:
-    """End a running job whose worker was lost and which must not run again."""
+def _finish_abandoned(session, job: Job, settings: Settings, now: dt.datetime) -> bool:
+    """End a running job whose worker was lost and which must not run again; False when the
+    row changed meanwhile (another worker ended it first)."""
     if job.cancel_requested:
         values = {"status": JobStatus.CANCELLED, "progress_message": "cancelled (its worker was lost)"}
         line = (LogLevel.WARNING, "cancelled (its worker was lost)")
@@ -127,6 +133,7 @@ def _finish_abandoned(session, job: Job, settings: Settings, now: dt.datetime) -
     ).rowcount
     if written == 1:
         joblog.append(session, job.id, line[1], line[0], stage=job.progress_stage, attempt=job.attempts)
+    return written == 1
 
 
 def record_progress(
@@ -155,6 +162,11 @@ def record_progress(
         return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
+def cancel_requested(job_id: str) -> bool:
+    with session_scope() as session:
+        return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
 def heartbeat(job_id: str, attempt: int) -> bool:
     """Returns False when this run no longer owns the job."""
     with session_scope() as session:
@@ -162,13 +174,24 @@ def heartbeat(job_id: str, attempt: int) -> bool:
 
 
 def _finish(job_id: str, attempt: int, status: JobStatus, line: tuple[LogLevel, str], **values: Any) -> None:
-    with session_scope() as session:
-        written = session.execute(
-            update(Job).where(*_owned(job_id, attempt)).values(status=status, finished_at=utcnow(), **values)
-        ).rowcount
-        if written == 1:
-            stage = session.scalar(select(Job.progress_stage).where(Job.id == job_id))
-            joblog.append(session, job_id, line[1], line[0], stage=stage, attempt=attempt)
+    """Record a run's outcome; through a database outage it tries again every 2 s for up to
+    OUTCOME_RETRY_S (if the job is taken over meanwhile, the write matches no row)."""
+    deadline = time.monotonic() + OUTCOME_RETRY_S
+    while True:
+        try:
+            with session_scope() as session:
+                written = session.execute(
+                    update(Job).where(*_owned(job_id, attempt)).values(status=status, finished_at=utcnow(), **values)
+                ).rowcount
+                if written == 1:
+                    stage = session.scalar(select(Job.progress_stage).where(Job.id == job_id))
+                    joblog.append(session, job_id, line[1], line[0], stage=stage, attempt=attempt)
+            break
+        except DATABASE_DOWN as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("job %s: outcome not recorded, the database did not answer (%s); trying again", job_id, exc)
+            time.sleep(2.0)
     if written != 1:
         raise LostClaim(f"job {job_id}: attempt {attempt} no longer owns the job; its outcome is not recorded")
 
@@ -199,6 +222,12 @@ def lost_jobs(settings: Settings) -> list[Job]:
         return list(session.scalars(select(Job).where(Job.status == JobStatus.RUNNING, _lapsed(settings, utcnow()))))
 
 
+def queued_job_ids() -> list[str]:
+    """Queued jobs, oldest first (the order their messages were first sent)."""
+    with session_scope() as session:
+        return list(session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED).order_by(Job.created_at)))
+
+
 def may_retry(job: Job, settings: Settings) -> bool:
     return not job.cancel_requested and job.attempts < settings.max_job_attempts
 
@@ -216,6 +245,6 @@ def mark_requeued(job: Job, settings: Settings) -> None:
             joblog.append(session, job.id, message, LogLevel.WARNING, stage=job.progress_stage, attempt=job.attempts)
 
 
-def abandon(job: Job, settings: Settings) -> None:
+def abandon(job: Job, settings: Settings) -> bool:
     with session_scope() as session:
-        _finish_abandoned(session, job, settings, utcnow())
+        return _finish_abandoned(session, job, settings, utcnow())

@@ -6,6 +6,7 @@ states, keeps its files in order and turns exceptions into readable reasons.
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 from pathlib import Path
@@ -24,13 +25,20 @@ def run_quantization_job(self, job_id: str) -> None:
     """Idempotent: a job that is finished, or held by a live run elsewhere, is not run again."""
     with logctx.bound(job_id=job_id):  # every log line of this job's run carries its id
         settings = get_settings()
-        claim = state.claim(job_id, settings)
+        try:
+            claim = state.claim(job_id, settings)
+        except state.DATABASE_DOWN as exc:
+            # The message must outlive the outage: acknowledged now, the job would stay queued.
+            log.warning("job %s: the database did not answer (%s); trying again in 5 s", job_id, exc)
+            raise self.retry(countdown=5) from None
         if claim.action is state.Action.WAIT:
             # A redelivered message while the job's previous run may still be alive: look
             # again once its heartbeat could have lapsed.
             raise self.retry(countdown=settings.job_heartbeat_timeout)
         if claim.action is state.Action.RUN:
             execute(job_id, claim.attempt, claim.request or {}, settings)
+        elif claim.abandoned:
+            discard_files(settings, job_id)
 
 
 def artifact_file(job_id: str, fmt: str, main: bool) -> str:
@@ -56,6 +64,13 @@ def _discard_archives(settings: Settings, job_id: str) -> None:
             log.exception("job %s: could not remove %s from the artifact store", job_id, name)
 
 
+def discard_files(settings: Settings, job_id: str) -> None:
+    """What a lost run of a job that will not run again left: its work folder (on this
+    machine) and any archive it stored before it died."""
+    _discard_archives(settings, job_id)
+    _remove(settings.work_dir / job_id)
+
+
 def execute(job_id: str, attempt: int, request_data: dict, settings: Settings) -> None:
     work = settings.work_dir / job_id  # run_job's output_dir; the artifact folders go inside
     _remove(work)  # what an earlier, lost attempt left behind
@@ -79,16 +94,18 @@ def _run_and_record(job_id: str, attempt: int, request_data: dict, settings: Set
     from worker.progress import ProgressReporter
 
     beat_s = min(10.0, settings.job_heartbeat_timeout / 4)
+    progress = ProgressReporter(job_id, attempt, heartbeat_interval_s=beat_s)
     try:
         request = JOB_SPEC.validate_python(request_data)
         local = settings.allow_local_model_paths
-        with ProgressReporter(job_id, attempt, heartbeat_interval_s=beat_s) as progress:
-            if isinstance(request, ClassicJobRequest):
-                locate = lambda what, ref: upload_folder(settings, what, ref)  # noqa: E731
-                report = run_classic_job(request, work, progress, allow_local_paths=local, locate=locate)
-            else:
-                report = quantcore.job.run_job(request, work, progress, allow_local_paths=local,
-                                               locate=lambda ref: upload_folder(settings, "model", ref))
+        with progress:
+            with progress.interruptible():  # not the store's upload: it must not stop halfway
+                if isinstance(request, ClassicJobRequest):
+                    locate = lambda what, ref: upload_folder(settings, what, ref)  # noqa: E731
+                    report = run_classic_job(request, work, progress, allow_local_paths=local, locate=locate)
+                else:
+                    report = quantcore.job.run_job(request, work, progress, allow_local_paths=local,
+                                                   locate=lambda ref: upload_folder(settings, "model", ref))
             # one archive per exported format; the report says which file, sha256 and size each is
             artifacts = report.setdefault("artifacts", [{"format": "qforge", "folder": "artifact"}])
             store = store_for(settings)
@@ -109,6 +126,10 @@ def _run_and_record(job_id: str, attempt: int, request_data: dict, settings: Set
         log.info("job %s: cancelled", job_id)
     except Exception as exc:
         _discard_archives(settings, job_id)
+        if progress.cancelled.is_set():  # the interruption surfaced as another error
+            state.cancel(job_id, attempt)
+            log.info("job %s: cancelled (%s)", job_id, failure_reason(exc))
+            return
         state.fail(job_id, attempt, failure_reason(exc))
         log.warning("job %s: failed: %s", job_id, failure_reason(exc), exc_info=True)
 
@@ -122,11 +143,39 @@ def upload_folder(settings: Settings, what: str, ref: str) -> Path:
     return folder
 
 
+# What running out of a resource looks like, as errno or as the text of libraries that
+# wrap it (safetensors' Rust errors, torch's allocator).
+OUT_OF_DISK = ({errno.ENOSPC, errno.EDQUOT}, ("No space left on device", "Disk quota exceeded", "StorageFull"))
+OVER_FILE_LIMIT = ({errno.EFBIG}, ("File too large", "FileTooLarge"))
+OUT_OF_MEMORY = ({errno.ENOMEM}, ("can't allocate memory", "Cannot allocate memory", "out of memory"))
+
+
 def failure_reason(exc: BaseException) -> str:
-    """What a user reads on a failed job: the exception's type and message, no traceback."""
+    """What a user reads on a failed job: the exception's type and message, no traceback,
+    after what ran out when the cause was the worker's disk or memory."""
     message = str(exc).strip()
     reason = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    if cause := _exhausted(exc):
+        reason = f"{cause}: {reason}"
     return reason if len(reason) <= 2000 else reason[:1999] + "…"
+
+
+def _exhausted(exc: BaseException) -> str | None:
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen and len(seen) < 10:  # the exception and its causes
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for cause, (errnos, texts) in (
+        ("out of disk space on the worker", OUT_OF_DISK),
+        ("a file grew past the worker's file-size limit (out of disk space or quota)", OVER_FILE_LIMIT),
+        ("out of memory on the worker", OUT_OF_MEMORY),
+    ):
+        for e in seen:
+            if getattr(e, "errno", None) in errnos or any(t in str(e) for t in texts):
+                return cause
+        if cause.startswith("out of memory") and any(isinstance(e, MemoryError) for e in seen):
+            return cause
+    return None
 
 
 def _remove(folder: Path) -> None:

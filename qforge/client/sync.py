@@ -140,7 +140,7 @@ class Client:
         return JobLogPage.model_validate_json(self._send("GET", shared.job_path(job_id, "logs"), params=params).content)
 
     def cancel(self, job_id: str) -> JobOut:
-        """A queued job is cancelled at once; a running one stops at its next progress report
+        """A queued job is cancelled at once; a running one stops within about a second
         (`cancel_requested` is set meanwhile). A job that succeeded or failed is a 409 `job-finished`; a cancelled one answers again."""
         return JobOut.model_validate_json(self._send("POST", shared.job_path(job_id, "cancel")).content)
 

@@ -4,6 +4,7 @@ folders and stop at the end of the session."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -47,14 +49,22 @@ class Service:
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = env.get("QFORGE_BOOTSTRAP_API_KEY", TEST_API_KEY)
         self.log_path = data_dir.parent / f"serve-{self.port}.log"
+        self.data_dir = data_dir
         environ = {k: v for k, v in os.environ.items() if k not in SERVICE_ENV}
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [*_qforge_command(), "serve", "--port", str(self.port), "--data-dir", str(data_dir)],
-                env={**environ, "QFORGE_BOOTSTRAP_API_KEY": TEST_API_KEY, **env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        self._command = [*_qforge_command(), "serve", "--port", str(self.port), "--data-dir", str(data_dir)]
+        self._env = {**environ, "QFORGE_BOOTSTRAP_API_KEY": TEST_API_KEY, **env}
+        self._launch()
+
+    def _launch(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self._command, env=self._env, stdout=log, stderr=subprocess.STDOUT)
+
+    def restart(self) -> None:
+        """Stop the process (SIGTERM) and start it again on the same port and data folder."""
+        self.stop()
+        assert self.process.returncode == 0, f"qforge serve exited with {self.process.returncode}:\n{self.log_tail()}"
+        self._launch()
+        self.wait_ready()
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -92,7 +102,9 @@ def start_service(tmp_path_factory):
         service = Service(tmp_path_factory.mktemp("qforge") / "data", env or {})
         started.append(service)
         service.wait_ready()
-        return httpx.Client(base_url=service.url, timeout=30, headers={"Authorization": f"Bearer {service.api_key}"})
+        client = httpx.Client(base_url=service.url, timeout=30, headers={"Authorization": f"Bearer {service.api_key}"})
+        client.service = service  # for tests that kill, stop or restart the process behind it
+        return client
 
     yield start
     for service in started:
@@ -117,6 +129,27 @@ def _as_postgres(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
+# url -> (stop, start) of the PostgreSQL or Redis server these fixtures started there
+SERVERS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {}
+
+
+@pytest.fixture
+def outage():
+    """`with outage(url):` that server is down inside the block and started again (same
+    data, same port) when the block ends."""
+
+    @contextlib.contextmanager
+    def down(url: str):
+        stop, start = SERVERS[url]
+        stop()
+        try:
+            yield
+        finally:
+            start()
+
+    return down
+
+
 @pytest.fixture(scope="session")
 def postgres_url():
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
@@ -134,10 +167,13 @@ def postgres_url():
 
     run(bindir / "initdb", "-D", data, "-U", "qforge", "--auth=trust", "-E", "UTF8", "--no-sync")
     options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    run(bindir / "pg_ctl", "-D", data, "-o", options, "-l", root / "postgres.log", "-w", "-t", "60", "start")
+    start = (bindir / "pg_ctl", "-D", data, "-o", options, "-l", root / "postgres.log", "-w", "-t", "60", "start")
+    run(*start)
     try:
         run(bindir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "qforge", "qforge")
-        yield f"postgresql+psycopg2://qforge@127.0.0.1:{port}/qforge"
+        url = f"postgresql+psycopg2://qforge@127.0.0.1:{port}/qforge"
+        SERVERS[url] = (lambda: run(bindir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"), lambda: run(*start))
+        yield url
     finally:
         run(bindir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
         shutil.rmtree(root, ignore_errors=True)
@@ -150,11 +186,11 @@ def redis_url(tmp_path_factory):
         _missing("redis-server")
     port = free_port()
     folder = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
+    processes: list[subprocess.Popen] = []
+
+    def start() -> None:  # no persistence: a restart loses every message, the harshest case
+        command = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)]
+        processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
         import redis
 
         client = redis.Redis(port=port)
@@ -164,13 +200,22 @@ def redis_url(tmp_path_factory):
                 client.ping()
                 break
             except redis.ConnectionError:
-                if time.monotonic() > deadline or process.poll() is not None:
+                if time.monotonic() > deadline or processes[-1].poll() is not None:
                     pytest.fail("redis-server did not start")
                 time.sleep(0.2)
-        yield f"redis://127.0.0.1:{port}/0"
+
+    def stop() -> None:
+        processes[-1].terminate()
+        processes[-1].wait(timeout=30)
+
+    try:
+        start()
+        url = f"redis://127.0.0.1:{port}/0"
+        SERVERS[url] = (stop, start)
+        yield url
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        processes[-1].terminate()
+        processes[-1].wait(timeout=30)
 
 
 # --------------------------------------------------------------------------------------

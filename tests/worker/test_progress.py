@@ -50,3 +50,59 @@ def test_heartbeat_thread_beats_between_progress_calls(new_job, load_job, settin
         time.sleep(0.3)
     job = load_job(job_id)
     assert job.status == JobStatus.RUNNING and job.heartbeat_at > first
+
+
+def test_a_cancellation_interrupts_a_long_step_between_progress_calls(new_job, load_job, settings, monkeypatch):
+    import time
+
+    from app.core.db import session_scope
+    from app.crud import request_cancel
+
+    monkeypatch.setattr("worker.progress.CANCEL_POLL_S", 0.1)
+    job_id = new_job()
+    attempt = state.claim(job_id, settings).attempt
+    with ProgressReporter(job_id, attempt, heartbeat_interval_s=60) as progress:
+        progress("evaluate", 0, 4)
+        with session_scope() as session:
+            request_cancel(session, job_id)
+        started = time.monotonic()
+        with pytest.raises(JobCancelled), progress.interruptible():
+            while time.monotonic() - started < 10:  # one long step: no progress call in it
+                sum(range(1000))
+        assert time.monotonic() - started < 2
+        time.sleep(0.3)  # nothing is raised once outside the block
+    assert load_job(job_id).status == JobStatus.RUNNING  # the task, not the reporter, records the outcome
+
+
+def test_outside_interruptible_a_cancellation_waits_for_the_next_progress_call(new_job, settings, monkeypatch):
+    import time
+
+    from app.core.db import session_scope
+    from app.crud import request_cancel
+
+    monkeypatch.setattr("worker.progress.CANCEL_POLL_S", 0.05)
+    job_id = new_job()
+    attempt = state.claim(job_id, settings).attempt
+    with ProgressReporter(job_id, attempt, heartbeat_interval_s=60) as progress:
+        with session_scope() as session:
+            request_cancel(session, job_id)
+        time.sleep(0.3)  # e.g. the upload to the store: it must not stop halfway
+        assert progress.cancelled.is_set()
+        with pytest.raises(JobCancelled):
+            progress.note("stored")
+
+
+def test_a_database_outage_skips_progress_writes_instead_of_failing_the_job(new_job, settings, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    job_id = new_job()
+    attempt = state.claim(job_id, settings).attempt
+
+    def down(*args):
+        raise OperationalError("UPDATE jobs", {}, Exception("server closed the connection unexpectedly"))
+
+    with ProgressReporter(job_id, attempt, heartbeat_interval_s=60) as progress:
+        monkeypatch.setattr(state, "record_progress", down)
+        progress("quantize", 1, 10)  # no exception: the job goes on
+        monkeypatch.undo()
+        progress("evaluate", 0, 4)

@@ -58,3 +58,23 @@ def test_writes_of_a_run_that_was_taken_over_are_refused(new_job, load_job, sett
         state.succeed(job_id, 1, {}, "x.tar", "0" * 64, 1)
     assert load_job(job_id).status == JobStatus.RUNNING
     assert state.record_progress(job_id, 2, "quantize", 1, 2, 50.0, "layer 1") is False
+
+
+def test_an_outcome_is_recorded_once_the_database_answers_again(new_job, load_job, settings, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    job_id = new_job()
+    attempt = state.claim(job_id, settings).attempt
+    real, calls = state.session_scope, []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) <= 2:
+            raise OperationalError("UPDATE jobs", {}, Exception("could not connect to server"))
+        return real()
+
+    monkeypatch.setattr(state, "session_scope", flaky)
+    monkeypatch.setattr(state.time, "sleep", lambda s: None)
+    state.fail(job_id, attempt, "ValueError: no")
+    assert len(calls) == 3
+    assert load_job(job_id).status == JobStatus.FAILED and load_job(job_id).error == "ValueError: no"

@@ -116,9 +116,61 @@ def test_a_finished_job_is_not_run_again(run, load_job, monkeypatch):
 
 def test_failure_reason_is_type_and_message_without_traceback():
     assert tasks.failure_reason(KeyError("lm_head")) == "KeyError: 'lm_head'"
-    assert tasks.failure_reason(MemoryError()) == "MemoryError"
+    assert tasks.failure_reason(MemoryError()) == "out of memory on the worker: MemoryError"
     assert len(tasks.failure_reason(ValueError("x" * 5000))) == 2000
     assert "Traceback" not in tasks.failure_reason(RuntimeError("boom"))
+
+
+def test_running_out_of_disk_or_memory_says_so_and_leaves_no_partial_files(run, load_job, settings):
+    import errno
+
+    def out_of(error: Exception):
+        def run_job(request, output_dir, progress, allow_local_paths=False, locate=None):
+            progress("export", 0, 1, "writing qforge")
+            (output_dir / "artifact").mkdir(parents=True)
+            (output_dir / "artifact" / "model.safetensors").write_bytes(b"half a model")
+            raise error
+
+        return run_job
+
+    disk = load_job(run(out_of(OSError(errno.ENOSPC, "No space left on device"))))
+    assert disk.status == JobStatus.FAILED
+    assert disk.error == "out of disk space on the worker: OSError: [Errno 28] No space left on device"
+    # torch's allocator raises a RuntimeError; the cause is found in its text
+    torch_oom = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 402653184 bytes.")
+    memory = load_job(run(out_of(torch_oom)))
+    assert memory.status == JobStatus.FAILED and memory.error.startswith("out of memory on the worker: RuntimeError")
+    wrapped = ValueError("could not write the artifact")
+    wrapped.__cause__ = OSError(errno.EFBIG, "File too large")
+    assert tasks.failure_reason(wrapped).startswith("a file grew past the worker's file-size limit")
+    for job in (disk, memory):
+        assert not (settings.work_dir / job.id).exists()
+        assert list(settings.artifact_dir.glob(f"{job.id}*")) == []
+
+
+def test_an_interruption_that_surfaces_as_another_error_still_ends_cancelled(run, new_job, load_job, monkeypatch):
+    import time
+
+    from app.core.db import session_scope
+    from app.crud import request_cancel
+
+    monkeypatch.setattr("worker.progress.CANCEL_POLL_S", 0.05)
+    job_id = new_job()
+
+    def wraps_everything(request, output_dir, progress, allow_local_paths=False, locate=None):
+        progress("evaluate", 0, 1)
+        with session_scope() as session:
+            request_cancel(session, job_id)
+        try:
+            while True:  # a long step with no progress call, inside a library that wraps errors
+                time.sleep(0.01)
+        except Exception as exc:
+            raise RuntimeError("evaluation failed") from exc
+
+    started = time.monotonic()
+    job = load_job(run(wraps_everything, job_id))
+    assert job.status == JobStatus.CANCELLED and job.error is None
+    assert time.monotonic() - started < 5
 
 
 def test_a_finished_job_shows_all_steps_done_even_when_progress_was_throttled(run, load_job, monkeypatch):
@@ -235,7 +287,7 @@ def test_a_cancelled_job_logs_the_request_and_where_it_stopped(run, new_job, loa
     assert [(level, stage, message) for level, stage, message, _ in job_log(job_id)] == [
         ("info", None, "started"),
         ("info", "load", "load started"),
-        ("warning", None, "cancellation requested; the worker stops at its next progress report"),
+        ("warning", None, "cancellation requested; a running job stops within about a second"),
         ("info", "baseline", "baseline started"),
         ("warning", "baseline", "cancelled on request"),
     ]

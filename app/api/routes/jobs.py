@@ -129,8 +129,8 @@ def try_job(job: JobDep, settings: SettingsDep, body: TryRequest | None = None) 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, dependencies=SUBMIT)
 def cancel_job(job: JobDep, session: SessionDep, settings: SettingsDep, response: Response) -> JobOut:
-    """A queued job is cancelled at once (200); a running one stops at its worker's next
-    progress report (202, `cancel_requested` set)."""
+    """A queued job is cancelled at once (200); a running one stops within about a
+    second (202, `cancel_requested` set)."""
     job, was_running = jobs.cancel(session, job)
     # 202 for a running job even when its worker has stopped by now: the answer describes
     # what the request did, not a race with the worker
