@@ -3,8 +3,10 @@
     python bench/reliability.py [--results bench/RESULTS.md]
 
 - isolation probes / leaks: tenant B asks for each of tenant A's objects through every route
-  of the OpenAPI schema and the dashboard (bench/isolation.py), in-process on SQLite;
-- fuzz cases / 5xx: schemathesis cases for every operation (bench/fuzz.py), in-process;
+  of the OpenAPI schema and the dashboard (bench/isolation.py), in-process, on the embedded
+  default (SQLite) and on PostgreSQL + Redis started here;
+- fuzz cases / 5xx: schemathesis cases for every operation (bench/fuzz.py), in-process, on
+  both backends;
 - hostile uploads / accepted: the hostile-upload corpus (bench/hostile_corpus.py), in-process;
 - jobs killed / lost: a live embedded service whose worker is SIGKILLed mid-job across the
   stages, then restarted (bench/chaos.py);
@@ -45,20 +47,28 @@ def machine_header() -> list[str]:
 
 
 @contextmanager
-def in_process(folder: Path):
-    """The ASGI app on a fresh embedded data folder, migrated (what the tests' fixtures do)."""
+def in_process(folder: Path, **settings: str):
+    """The ASGI app on a fresh data folder, migrated (what the tests' fixtures do); `settings`
+    are QFORGE_* values for its duration (database_url and broker_url: Postgres and Redis)."""
     from app.core.config import get_settings
     from app.core.db import dispose_engines, migrate
 
-    os.environ["QFORGE_DATA_DIR"] = str(folder)
+    values = {"QFORGE_DATA_DIR": str(folder), **{f"QFORGE_{k.upper()}": v for k, v in settings.items()}}
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     get_settings.cache_clear()
-    migrate()
-    from app.main import app
-
     try:
+        migrate()
+        from app.main import app
+
         yield app, get_settings()
     finally:
         dispose_engines()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         get_settings.cache_clear()
 
 
@@ -77,7 +87,7 @@ def make_key(tenant: str, unlimited: bool = True) -> str:
         return tenants.create_key(session, tenant, Scope.ADMIN, "reliability bench").secret
 
 
-def run_isolation(folder: Path) -> dict:
+def run_isolation(folder: Path, **settings: str) -> dict:
     import hashlib
     import io
 
@@ -91,7 +101,7 @@ def run_isolation(folder: Path) -> dict:
     from app.models import Job, JobStatus, utcnow
     from quantcore.models.digits_cnn import DigitsCNN
 
-    with in_process(folder / "isolation") as (app, settings):
+    with in_process(folder / "isolation", **settings) as (app, config):
         clients = {}
         for tenant in ("tenant-a", "tenant-b"):
             key = make_key(tenant)
@@ -103,7 +113,7 @@ def run_isolation(folder: Path) -> dict:
         payload = os.urandom(4096)
         staged = folder / f"{job_id}.tar"
         staged.write_bytes(payload)
-        store_for(settings).put(staged.name, staged)
+        store_for(config).put(staged.name, staged)
         digest = hashlib.sha256(payload).hexdigest()
         with session_scope() as session:  # finished as a worker would finish it, with its artifact stored
             job = session.get(Job, job_id)
@@ -124,8 +134,8 @@ def run_isolation(folder: Path) -> dict:
     return {"isolation_probes": result.probes, "isolation_leaks": len(result.leaks), "leaks": result.leaks}
 
 
-def run_fuzz(folder: Path, cases: int) -> dict:
-    with in_process(folder / "fuzz") as (app, _):
+def run_fuzz(folder: Path, cases: int, **settings: str) -> dict:
+    with in_process(folder / "fuzz", **settings) as (app, _):
         result = fuzz.fuzz_app(app, make_key("fuzz"), cases_per_operation=cases, seed=SEED)
     return {"fuzz_cases": result.cases, "fuzz_5xx": len(result.server_errors),
             "fuzz_errors_not_problem_json": len(result.not_problems),
@@ -180,6 +190,20 @@ def run_chaos(folder: Path, kills: int) -> dict:
             "lost": result.lost, "chaos_seconds": round(result.seconds)}
 
 
+BACKENDS = ("embedded", "postgres_redis")
+
+
+@contextmanager
+def backend_settings(backend: str):
+    """QFORGE_* settings for a backend: none for the embedded default, or a fresh PostgreSQL
+    and Redis started here."""
+    if backend == "embedded":
+        yield {}
+        return
+    with postgres() as database_url, redis_server() as broker_url:
+        yield {"database_url": database_url, "broker_url": broker_url}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=50)
@@ -188,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", choices=("isolation", "fuzz", "hostile", "chaos", "load"),
                         help="run only these parts (default: all)")
     parser.add_argument("--chaos-kills", type=int, default=20)
+    parser.add_argument("--backends", nargs="*", choices=BACKENDS, default=list(BACKENDS),
+                        help="where isolation and fuzzing run (default: both)")
     parser.add_argument("--results", type=Path, help="write the table into this RESULTS.md")
     args = parser.parse_args(argv)
     parts = set(args.only or ("isolation", "fuzz", "hostile", "chaos", "load"))
@@ -196,13 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict = {}
     with tempfile.TemporaryDirectory(prefix="qforge-reliability-") as tmp:
         folder = Path(tmp)
-        if "isolation" in parts:
-            figures.update(run_isolation(folder))
-            print(f"isolation probes / leaks: {figures['isolation_probes']} / {figures['isolation_leaks']}", flush=True)
-        if "fuzz" in parts:
-            figures.update(run_fuzz(folder, args.fuzz_cases))
-            print(f"fuzz cases / 5xx: {figures['fuzz_cases']} / {figures['fuzz_5xx']} "
-                  f"(errors not problem+json: {figures['fuzz_errors_not_problem_json']})", flush=True)
+        for backend in args.backends if parts & {"isolation", "fuzz"} else ():
+            (folder / backend).mkdir()
+            with backend_settings(backend) as settings:
+                if "isolation" in parts:
+                    iso = figures.setdefault("isolation", {})[backend] = run_isolation(folder / backend, **settings)
+                    print(f"isolation probes / leaks, {backend}: {iso['isolation_probes']} / {iso['isolation_leaks']}", flush=True)
+                if "fuzz" in parts:
+                    fz = figures.setdefault("fuzz", {})[backend] = run_fuzz(folder / backend, args.fuzz_cases, **settings)
+                    print(f"fuzz cases / 5xx, {backend}: {fz['fuzz_cases']} / {fz['fuzz_5xx']} "
+                          f"(errors not problem+json: {fz['fuzz_errors_not_problem_json']})", flush=True)
         if "hostile" in parts:
             figures.update(run_hostile(folder))
             print(f"hostile uploads / accepted: {figures['hostile_uploads']} / {figures['hostile_accepted']}", flush=True)
@@ -232,11 +261,17 @@ def write_results(path: Path, figures: dict, args) -> None:
              f"Command: `python bench/reliability.py --clients {args.clients} --duration {args.duration:g} "
              f"--fuzz-cases {args.fuzz_cases} --chaos-kills {args.chaos_kills} --results bench/RESULTS.md`", ""]
     lines += [f"- {line}" for line in machine_header()] + ["", "| figure | value |", "|---|---|"]
-    rows = [("isolation probes / leaks", "isolation_probes", "isolation_leaks"), ("fuzz cases / 5xx", "fuzz_cases", "fuzz_5xx"),
-            ("hostile uploads / accepted", "hostile_uploads", "hostile_accepted"), ("jobs killed / lost", "jobs_killed", "jobs_lost")]
-    for label, total, bad in rows:
+    for part, label, total, bad in (("isolation", "isolation probes / leaks", "isolation_probes", "isolation_leaks"),
+                                    ("fuzz", "fuzz cases / 5xx", "fuzz_cases", "fuzz_5xx")):
+        for backend, f in figures.get(part, {}).items():
+            lines.append(f"| {label}, {backend} | {f[total]} / {f[bad]} |")
+    for label, total, bad in (("hostile uploads / accepted", "hostile_uploads", "hostile_accepted"),
+                              ("jobs killed / lost (SIGKILLed workers, embedded)", "jobs_killed", "jobs_lost")):
         if total in figures:
             lines.append(f"| {label} | {figures[total]} / {figures[bad]} |")
+    if "kills" in figures:
+        lines.append(f"| chaos kills; jobs succeeded / failed with reason | {figures['kills']}; "
+                     f"{figures['chaos_jobs']['succeeded']} / {figures['chaos_jobs']['failed']} |")
     for label in ("embedded", "postgres_redis"):
         if (s := figures.get(f"load_{label}")) is not None:
             lines.append(f"| submit latency p50 / p99, {s['clients']} clients, {label} | {s['submit_p50_ms']} / "

@@ -179,6 +179,25 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture
+def new_database(postgres_url):
+    """`new_database()`: the URL of an empty database of its own on the session's PostgreSQL
+    (other modules' services share that server)."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    def create() -> str:
+        name = f"test_{uuid.uuid4().hex[:12]}"
+        engine = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as connection:
+            connection.execute(text(f"CREATE DATABASE {name}"))
+        engine.dispose()
+        return f"{postgres_url.rsplit('/', 1)[0]}/{name}"
+
+    return create
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     server = shutil.which("redis-server")

@@ -74,29 +74,16 @@ def wait_readiness(client, status: int, timeout_s: float) -> dict:
 @pytest.mark.services
 @pytest.mark.parametrize("down", ["redis", "postgres"])
 def test_a_broker_or_database_restart_mid_job_is_reported_and_recovered_from(
-    down, start_service, postgres_url, redis_url, outage
+    down, start_service, postgres_url, redis_url, outage, new_database
 ):
     # its own database and Redis database: other modules' services share these servers
     redis_db = f"{redis_url.rsplit('/', 1)[0]}/{7 if down == 'redis' else 8}"
-    env = {"QFORGE_DATABASE_URL": private_database(postgres_url), "QFORGE_BROKER_URL": redis_db}
+    env = {"QFORGE_DATABASE_URL": new_database(), "QFORGE_BROKER_URL": redis_db}
     client = start_service({**env, **FAST_RECOVERY})
     try:
         outage_mid_job(client, down, postgres_url, redis_url, outage)
     finally:
         client.service.stop()  # its worker would take the next test's jobs, on the same broker
-
-
-def private_database(postgres_url: str) -> str:
-    import uuid
-
-    from sqlalchemy import create_engine, text
-
-    name = f"chaos_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    engine.dispose()
-    return f"{postgres_url.rsplit('/', 1)[0]}/{name}"
 
 
 def outage_mid_job(client, down: str, postgres_url: str, redis_url: str, outage) -> None:
