@@ -58,8 +58,8 @@ def create_job(
         cancel_requested=False,
         attempts=0,
     )
-    if callback_url is not None:
-        job.webhook = WebhookDelivery(state=WebhookState.PENDING, attempts=0)
+    # None set, not left unloaded: the answer reads it, and an unloaded one is a query
+    job.webhook = WebhookDelivery(state=WebhookState.PENDING, attempts=0) if callback_url is not None else None
     session.add(job)
     try:
         session.commit()

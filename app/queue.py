@@ -6,6 +6,8 @@ app is imported, so the API always talks to the broker it is configured for.
 
 from __future__ import annotations
 
+from kombu import pools
+
 from app.core.config import get_settings
 from worker.celery_app import JOB_QUEUE, RUN_JOB_TASK, celery_app, transport_options
 
@@ -16,9 +18,14 @@ def _connection():
 
 
 def enqueue(job_id: str) -> None:
-    """Publish the job's message; raises when the broker cannot take it (after a few retries)."""
-    with _connection() as connection:
-        celery_app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, connection=connection, retry=True)
+    """Publish the job's message; raises when the broker cannot take it (after a few retries).
+
+    Through kombu's producer pool for the broker's URL: a pooled connection has declared the
+    job queue once, where a new one declares it again (on the SQL transport a query and a
+    count of the queue's rows) and opens its own connection, on every submission."""
+    pool = pools.producers[_connection()]  # one pool per distinct broker URL and options
+    with pool.acquire(block=True, timeout=30) as producer:
+        celery_app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, producer=producer, retry=True)
 
 
 def check_broker() -> None:

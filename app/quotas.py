@@ -58,32 +58,39 @@ def limits(tenant: Tenant | None, settings: Settings) -> Limits:
     )
 
 
+def _active_jobs_query(tenant_id: str):
+    return select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE))
+
+
+def _stored_bytes_queries(tenant_id: str) -> list:
+    uploads = [select(func.coalesce(func.sum(table.bytes), 0)).where(table.tenant_id == tenant_id)
+               for table in (Dataset, UploadedModel)]
+    artifacts = select(func.coalesce(func.sum(func.coalesce(Job.artifacts_total_bytes, Job.artifact_bytes)), 0)).where(
+        Job.tenant_id == tenant_id, Job.artifact_path.is_not(None), Job.artifacts_deleted_at.is_(None)
+    )
+    return [*uploads, artifacts]
+
+
 def active_jobs(session: Session, tenant_id: str) -> int:
-    query = select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE))
-    return session.scalar(query) or 0
+    return session.scalar(_active_jobs_query(tenant_id)) or 0
 
 
 def stored_bytes(session: Session, tenant_id: str) -> int:
-    uploads = sum(
-        session.scalar(select(func.coalesce(func.sum(table.bytes), 0)).where(table.tenant_id == tenant_id)) or 0
-        for table in (Dataset, UploadedModel)
-    )
-    artifacts = session.scalar(
-        select(func.coalesce(func.sum(func.coalesce(Job.artifacts_total_bytes, Job.artifact_bytes)), 0)).where(
-            Job.tenant_id == tenant_id, Job.artifact_path.is_not(None), Job.artifacts_deleted_at.is_(None)
-        )
-    )
-    return int(uploads) + int(artifacts or 0)
+    return usage(session, tenant_id).stored_bytes
 
 
 def usage(session: Session, tenant_id: str) -> Usage:
-    return Usage(active_jobs(session, tenant_id), stored_bytes(session, tenant_id))
+    """Both counts in one round trip (a submission checks them on every call)."""
+    parts = [_active_jobs_query(tenant_id), *_stored_bytes_queries(tenant_id)]
+    row = session.execute(select(*(part.scalar_subquery() for part in parts))).one()
+    return Usage(int(row[0] or 0), sum(int(value or 0) for value in row[1:]))
 
 
 def check_submission(session: Session, tenant_id: str, settings: Settings) -> None:
     """Before a new job is stored (an idempotent replay is not a new job and is not checked)."""
     limit = limits(session.get(Tenant, tenant_id), settings)
-    active = active_jobs(session, tenant_id)
+    current = usage(session, tenant_id)
+    active, stored = current.active_jobs, current.stored_bytes
     if active >= limit.max_active_jobs:
         raise Problem(
             429, "too-many-active-jobs", "Too many active jobs",
@@ -91,7 +98,6 @@ def check_submission(session: Session, tenant_id: str, settings: Settings) -> No
             "(or cancel one)",
             headers={"Retry-After": str(ACTIVE_JOBS_RETRY_AFTER_S)}, limit=limit.max_active_jobs, active=active,
         )
-    stored = stored_bytes(session, tenant_id)
     if stored >= limit.max_stored_bytes:
         raise _storage_problem(409, tenant_id, stored, 0, limit.max_stored_bytes, "its job's artifact would add to it")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 from pathlib import Path
 
 from celery import Celery, signals
@@ -29,12 +30,27 @@ JOB_QUEUE = "qforge.jobs"
 READY_FILE_ENV = "QFORGE_WORKER_READY_FILE"
 
 
+class BrokerSQLiteConnection(sqlite3.Connection):
+    """The embedded broker's SQLite connections, in WAL mode with synchronous=NORMAL as the
+    service's own database (app/core/db.py). kombu's SQL transport opens its engine with
+    SQLite's defaults, a rollback journal and an fsync on every commit, and publishing a
+    job's message was then most of a submission's time. A message lost to a power cut is
+    not a lost job: workers send every queued job's message again when they connect
+    (worker.reaper)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.execute("PRAGMA journal_mode=WAL")  # kept in the file: a no-op once set
+        self.execute("PRAGMA synchronous=NORMAL")
+
+
 def transport_options(broker_url: str) -> dict:
     """Broker-specific options: what suits one transport is an error for another."""
     scheme = broker_url.split("://", 1)[0]
     if scheme.startswith(("sqla+sqlite", "sqlalchemy+sqlite")):
-        # Handed to create_engine: wait for the other process's write instead of failing.
-        return {"connect_args": {"timeout": 30}}
+        # Handed to create_engine, then sqlite3.connect: wait for the other process's write
+        # instead of failing.
+        return {"connect_args": {"timeout": 30, "factory": BrokerSQLiteConnection}}
     if scheme in ("redis", "rediss"):
         # Redis re-delivers an unacknowledged message after this long, and a job may run for
         # hours; lost jobs are recovered through heartbeats (worker.reaper) instead.

@@ -25,6 +25,14 @@ SQLITE_BUSY_TIMEOUT_S = 30
 # app/ is a package at the repository root (also with an editable install), migrations/ beside it.
 MIGRATIONS_DIR = Path(app.__file__).resolve().parent.parent / "migrations"
 
+# Connections an engine keeps, and may open beyond that under load. The API runs sync routes
+# and dependencies on anyio's 40 threads, and a request keeps its connection between them:
+# with fewer connections than requests in flight, threads wait for one while holding the
+# thread another request needs to finish (SQLAlchemy's default 5 + 10 made that most of a
+# submission's latency at 50 clients). SQLite connections cost a file handle: plenty. A
+# PostgreSQL server allows 100 by default, shared by the API and the workers.
+POOL_SIZE = 20
+SQLITE_POOL_OVERFLOW, POSTGRES_POOL_OVERFLOW = 100, 20
 # One engine per URL per process: an engine owns a connection pool.
 _engines: dict[str, tuple[Engine, sessionmaker[Session]]] = {}
 _lock = threading.Lock()
@@ -41,13 +49,17 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 def _create_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
+        pool = {}  # an in-memory database has one connection per thread: no pool to size
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False})
+            pool = {"pool_size": POOL_SIZE, "max_overflow": SQLITE_POOL_OVERFLOW}
+        engine = create_engine(
+            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}, **pool
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # pre-ping: a pooled connection may have been closed by a database restart.
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POSTGRES_POOL_OVERFLOW)
 
 
 def _entry(url: str) -> tuple[Engine, sessionmaker[Session]]:

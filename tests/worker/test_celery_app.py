@@ -30,3 +30,22 @@ def test_celery_logging_takes_the_configured_format(settings, log_format):
         assert (parsed["level"], parsed["logger"], parsed["job_id"]) == ("info", "worker.tasks", "j-42")
     else:
         assert line.endswith(" INFO worker.tasks: job j-42: attempt 1 starting job_id=j-42")
+
+
+def test_the_embedded_broker_publishes_in_wal_mode_without_an_fsync_per_commit(settings):
+    import sqlite3
+
+    from app import queue
+
+    queue.enqueue("job-wal-check")  # through the pooled producer, twice: the pool's connection again
+    queue.enqueue("job-wal-check-2")
+    broker_file = settings.data_dir / "broker.db"
+    assert sqlite3.connect(broker_file).execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    # SQLite's own view of the connections kombu opened: NORMAL is 1 (FULL, the default, is 2)
+    from kombu.transport.sqlalchemy import Channel
+
+    engine, _ = Channel._engines[f"sqlite:///{broker_file}"]
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1
+        payloads = connection.exec_driver_sql("SELECT payload FROM kombu_message").scalars().all()
+    assert [json.loads(p)["headers"]["id"] for p in payloads] == ["job-wal-check", "job-wal-check-2"]
