@@ -77,6 +77,8 @@ def list_jobs(
 ) -> tuple[list[Job], int]:
     """The tenant's jobs, newest first; also the number matching over all pages.
     `model_contains` keeps the jobs whose model reference holds that text (any case)."""
+    if model_contains and "\x00" in model_contains:
+        return [], 0  # no model reference holds NUL (and PostgreSQL refuses it in a query)
     query = select(Job).where(Job.tenant_id == tenant_id)
     if status is not None:
         query = query.where(Job.status == status)

@@ -229,7 +229,8 @@ class NewApiKey(ApiKeyOut):
 class ApiKeyRequest(BaseModel):
     model_config = {"extra": "forbid"}
 
-    name: str = Field("", max_length=255, description="what the key is for, shown in listings")
+    # no control characters: PostgreSQL text cannot hold NUL, and a listing shows the name
+    name: str = Field("", max_length=255, pattern=r"^[^\x00-\x1f\x7f]*$", description="what the key is for, shown in listings")
     scope: Scope = Scope.READ
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -31,6 +32,8 @@ ARCHITECTURES: dict[str, str] = {
     "digits-cnn": "quantcore.models.digits_cnn:DigitsCNN",
 }
 MAX_NAME = 255
+# PostgreSQL text cannot hold NUL, and no name needs a control character
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 Row = TypeVar("Row", Dataset, UploadedModel)
 CONFIG_EXAMPLE = '{"architecture": "digits-cnn", "width": 16}'
 
@@ -176,10 +179,12 @@ def delete(session: Session, settings: Settings, row: Dataset | UploadedModel) -
 def _name(upload: Upload) -> str:
     """The `name` field, or else the file's name."""
     if "name" not in upload.fields:
-        return upload.filename[:MAX_NAME] or "upload"
+        return CONTROL_CHARACTERS.sub("", upload.filename)[:MAX_NAME] or "upload"
     name = upload.fields["name"].strip()
     if not 1 <= len(name) <= MAX_NAME:
         raise validation_problem([{"loc": ["body", "name"], "msg": f"must be 1 to {MAX_NAME} characters"}])
+    if CONTROL_CHARACTERS.search(name):
+        raise validation_problem([{"loc": ["body", "name"], "msg": "must not contain control characters"}])
     return name
 
 
