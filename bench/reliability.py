@@ -259,7 +259,10 @@ def main(argv: list[str] | None = None) -> int:
 def write_results(path: Path, figures: dict, args) -> None:
     lines = ["## Reliability and security (bench/reliability.py)", "",
              f"Command: `python bench/reliability.py --clients {args.clients} --duration {args.duration:g} "
-             f"--fuzz-cases {args.fuzz_cases} --chaos-kills {args.chaos_kills} --results bench/RESULTS.md`", ""]
+             f"--fuzz-cases {args.fuzz_cases} --chaos-kills {args.chaos_kills}"
+             + (f" --only {' '.join(args.only)}" if args.only else "")
+             + (f" --backends {' '.join(args.backends)}" if list(args.backends) != list(BACKENDS) else "")
+             + " --results bench/RESULTS.md`", ""]
     lines += [f"- {line}" for line in machine_header()] + ["", "| figure | value |", "|---|---|"]
     for part, label, total, bad in (("isolation", "isolation probes / leaks", "isolation_probes", "isolation_leaks"),
                                     ("fuzz", "fuzz cases / 5xx", "fuzz_cases", "fuzz_5xx")):
