@@ -1,7 +1,7 @@
 """Two tenants, every route that names an object, every object type: tenant B never reads,
 lists, downloads, cancels or deletes tenant A's job, dataset, model, artifact or key (404,
 exactly as for an id that does not exist). The probes themselves are bench/isolation.py,
-also run by bench/reliability.py against a live service."""
+also run by bench/reliability.py (in-process, on SQLite and on PostgreSQL + Redis)."""
 
 from __future__ import annotations
 
