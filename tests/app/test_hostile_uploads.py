@@ -3,7 +3,7 @@ path traversal, absolute paths, links and devices in archives, too many members,
 bodies over the limit, pickles with a payload, torch.save checkpoints, truncated
 safetensors, GGUF files whose header lies, remote code. Every one is refused with a problem
 of a stable type, and leaves no row, no folder, no file anywhere it aimed, and runs no
-payload. bench/reliability.py sends the same corpus to a live service."""
+payload. bench/reliability.py sends the same corpus, in-process, and counts the refusals."""
 
 from __future__ import annotations
 
