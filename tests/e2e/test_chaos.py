@@ -146,12 +146,15 @@ def test_running_out_of_memory_or_disk_fails_the_job_with_the_reason_and_no_part
         "quantize": (psutil.RLIMIT_FSIZE, lambda pool: 16 * 2**20, "file-size limit"),
     }
     for stage, (resource, limit, reason) in faults.items():
-        job_id = submit(client, {**CHAOS_JOB, "evaluation": {"perplexity_tokens": 2048, "baseline": False}})
+        # 16 evaluation windows: the stage outlasts the poll and the limit by seconds, also on a
+        # loaded machine (with 4, a CI run once saw the job succeed past its limit)
+        job_id = submit(client, {**CHAOS_JOB, "evaluation": {"perplexity_tokens": 8192, "baseline": False}})
         wait_for_stage(client, job_id, stage)
         [pool] = serve.main().children()
         pool.rlimit(resource, (limit(pool), limit(pool)))
+        limited_in = client.get(f"/v1/jobs/{job_id}").json()["progress"]["stage"]
         [job] = wait_until_finished(client, [job_id], time.monotonic() + 600).values()
-        assert job["status"] == "failed" and reason in job["error"], job
+        assert job["status"] == "failed" and reason in job["error"], (stage, limited_in, job)
         assert "Traceback" not in job["error"]
         assert client.get(f"/v1/jobs/{job_id}/artifact").status_code == 409
     assert leftovers(client.service.data_dir) == ([], [])
