@@ -71,12 +71,10 @@ def _stored_bytes_queries(tenant_id: str) -> list:
     return [*uploads, artifacts]
 
 
-def active_jobs(session: Session, tenant_id: str) -> int:
-    return session.scalar(_active_jobs_query(tenant_id)) or 0
-
-
 def stored_bytes(session: Session, tenant_id: str) -> int:
-    return usage(session, tenant_id).stored_bytes
+    """Uploads and artifacts in one round trip, without counting active jobs (an upload's check)."""
+    row = session.execute(select(*(part.scalar_subquery() for part in _stored_bytes_queries(tenant_id)))).one()
+    return sum(int(value or 0) for value in row)
 
 
 def usage(session: Session, tenant_id: str) -> Usage:
