@@ -20,7 +20,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from sqlalchemy.orm import Session
 
 from app import logctx, quotas, tenants
-from app.core.config import Settings, get_settings
+from app.core.config import Settings, settings_dependency
 from app.core.db import get_session
 from app.errors import Problem
 from app.models import Scope
@@ -54,7 +54,7 @@ def caller_for_key(session, presented: str | None) -> Caller | None:
 def authenticate(
     request: Request,
     session: Annotated[Session, Depends(get_session)],
-    settings: Annotated[Settings, Depends(get_settings)],
+    settings: Annotated[Settings, Depends(settings_dependency)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     header_key: Annotated[str | None, Depends(key_header)],
 ) -> Caller:
@@ -77,7 +77,7 @@ CallerDep = Annotated[Caller, Depends(authenticate)]
 def require(scope: Scope) -> Callable[[Caller], Caller]:
     """A dependency that lets a caller through only with `scope` (or a broader one)."""
 
-    def check(caller: CallerDep) -> Caller:
+    async def check(caller: CallerDep) -> Caller:  # async: no I/O, so no trip to a worker thread
         if not caller.scope.allows(scope):
             detail = f"this call needs an API key with scope '{scope.value}'; this key has '{caller.scope.value}'"
             raise Problem(403, "insufficient-scope", "Insufficient scope", detail, required_scope=scope.value)

@@ -200,9 +200,10 @@ class Job(Base):
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
     callback_url: Mapped[str | None] = mapped_column(String(2048))  # POSTed a signed event when the job finishes
-    # selectin: shown with every job the API returns, one query for a whole page
+    # joined: shown with every job the API returns, read in the job's own query (a job has at
+    # most one, so the join never multiplies rows; selectin cost a second query per poll)
     webhook: Mapped[WebhookDelivery | None] = relationship(
-        lazy="selectin", uselist=False, cascade="all, delete-orphan", passive_deletes=True
+        lazy="joined", uselist=False, cascade="all, delete-orphan", passive_deletes=True
     )
 
 

@@ -11,14 +11,14 @@ from fastapi import Depends, Path
 from sqlalchemy.orm import Session
 
 from app import crud
-from app.core.config import Settings, get_settings
+from app.core.config import Settings, settings_dependency
 from app.auth import CallerDep
 from app.core.db import get_session
 from app.errors import dataset_not_found, job_not_found, model_not_found
 from app.models import Dataset, Job, UploadedModel
 
 SessionDep = Annotated[Session, Depends(get_session)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(settings_dependency)]
 
 
 def get_job(session: SessionDep, caller: CallerDep, job_id: Annotated[str, Path(max_length=64)]) -> Job:

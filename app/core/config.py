@@ -174,3 +174,9 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+async def settings_dependency() -> Settings:
+    """The settings as a FastAPI dependency: async, because FastAPI runs a plain function
+    dependency in a worker thread, a trip each request would pay for a cached value."""
+    return get_settings()

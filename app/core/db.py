@@ -8,11 +8,12 @@ instead of failing with "database is locked").
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
+import anyio
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -83,13 +84,23 @@ def new_session() -> Session:
     return _entry(get_settings().database_url)[1]()
 
 
-def get_session() -> Iterator[Session]:
-    """A request's session (a FastAPI dependency: app.api.deps.SessionDep)."""
+async def get_session() -> AsyncIterator[Session]:
+    """A request's session (a FastAPI dependency: app.api.deps.SessionDep).
+
+    Async, so FastAPI makes and closes it in the request's own task: a sync generator
+    dependency costs two trips to a worker thread, and under load each trip waits for the
+    GIL behind the other requests' threads. Making a session does no I/O; closing one that
+    still holds a connection (a read's transaction to roll back) goes to a thread, shielded
+    so that a client hanging up cannot leave the connection checked out."""
     session = new_session()
     try:
         yield session
     finally:
-        session.close()
+        if session.in_transaction():
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(session.close)
+        else:
+            session.close()
 
 
 @contextmanager

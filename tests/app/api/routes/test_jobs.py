@@ -232,3 +232,20 @@ def test_events_of_a_finished_job_end_with_its_status(submit, client, set_job):
     lines = dict(line.split(": ", 1) for line in events[0].splitlines())
     assert lines["event"] == "status"
     assert json.loads(lines["data"])["status"] == "cancelled"
+
+
+def test_requests_return_every_database_connection_they_take(submit, client, settings):
+    """A request's session is made and closed in its own task, the close of one still in a
+    read's transaction in a worker thread: after submissions, polls, lists, logs, cancels,
+    404s and refused calls, no connection is left checked out of the pool."""
+    from app.core.db import get_engine
+
+    for _ in range(5):
+        job_id = submit().json()["id"]
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 200
+        assert client.get("/v1/jobs?limit=5").status_code == 200
+        assert client.get(f"/v1/jobs/{job_id}/logs").status_code == 200
+        assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+        assert client.get("/v1/jobs/nope").status_code == 404
+        assert client.get("/v1/jobs", headers={"Authorization": "Bearer qf_nope"}).status_code == 401
+    assert get_engine().pool.checkedout() == 0
