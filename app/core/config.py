@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     worker_concurrency: int = Field(1, ge=1, description="jobs one worker runs at once (each holds a whole model)")
+    worker_nice: int = Field(
+        10, ge=0, le=19,
+        description="`qforge serve`: how much lower the worker's CPU priority is than the API's, so that on one "
+        "machine a running job never makes the API slow to answer (0: the same priority)",
+    )
     max_job_attempts: int = Field(2, ge=1, description="runs of a job whose worker was lost before it is failed")
     job_heartbeat_timeout: float = Field(
         60.0, gt=0, description="seconds without a heartbeat after which a running job's worker is presumed lost"
