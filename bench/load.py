@@ -4,14 +4,20 @@ and the answers by status.
 
 Clients are asyncio tasks on one event loop (one process, so the measuring costs little
 CPU beside the server's on a small machine). Each submitted job is cancelled after its
-polls, so the worker spends the run skipping cancelled jobs, not quantizing: what is
-measured is the API, its database and its broker under submissions, as a CI fleet makes them.
+polls, so the worker skips most jobs; it keeps starting the newest ones, which load the model
+and quantize until their cancellation, a few seconds in. What is measured is the API, its
+database and its broker under submissions, as a CI fleet makes them, with a job running
+beside them.
+Clients start at random moments (seeded) within their first cycle, as a fleet of pipelines
+does: started in the same millisecond, 50 clients stay in step, their requests arriving in
+bursts of 50 at once every second (`synchronized=True` measures that).
 Bounded: loopback only, a fixed duration, a fixed number of clients.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import statistics
 import time
 from collections import Counter
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 JOB = {"model": "bundled:smollm2-135m", "recipe": "w4a16-rtn-g64", "evaluation": {"perplexity_tokens": 512}}
 POLLS_PER_JOB = 3
 POLL_INTERVAL_S = 1.0  # as a pipeline polls (the SDK waits on server-sent events instead)
+CYCLE_S = POLLS_PER_JOB * POLL_INTERVAL_S  # a client's submit-poll-cancel round, less its requests' time
 
 
 @dataclass
@@ -52,9 +59,10 @@ class LoadResult:
         }
 
 
-async def _client(base_url: str, api_key: str, stop_at: float, result: LoadResult, index: int) -> None:
+async def _client(base_url: str, api_key: str, stop_at: float, result: LoadResult, start_after_s: float) -> None:
     import httpx
 
+    await asyncio.sleep(start_after_s)
     headers = {"Authorization": f"Bearer {api_key}"}
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) as client:
         while time.monotonic() < stop_at:
@@ -91,15 +99,18 @@ async def _warm_up(base_url: str, api_key: str) -> None:
         await client.post(f"/v1/jobs/{submitted.json()['id']}/cancel")
 
 
-async def _run(base_url: str, api_key: str, clients: int, duration_s: float) -> LoadResult:
+async def _run(base_url: str, api_key: str, clients: int, duration_s: float, seed: int, synchronized: bool) -> LoadResult:
     await _warm_up(base_url, api_key)
     result = LoadResult(clients, duration_s)
+    rng = random.Random(seed)
+    start_after = [0.0 if synchronized else rng.uniform(0, CYCLE_S) for _ in range(clients)]
     stop_at = time.monotonic() + duration_s
     started = time.monotonic()
-    await asyncio.gather(*(_client(base_url, api_key, stop_at, result, i) for i in range(clients)))
+    await asyncio.gather(*(_client(base_url, api_key, stop_at, result, delay) for delay in start_after))
     result.duration_s = time.monotonic() - started
     return result
 
 
-def run_load(base_url: str, api_key: str, clients: int = 50, duration_s: float = 60.0) -> LoadResult:
-    return asyncio.run(_run(base_url, api_key, clients, duration_s))
+def run_load(base_url: str, api_key: str, clients: int = 50, duration_s: float = 60.0, seed: int = 0,
+             synchronized: bool = False) -> LoadResult:
+    return asyncio.run(_run(base_url, api_key, clients, duration_s, seed, synchronized))
