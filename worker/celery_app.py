@@ -18,6 +18,7 @@ from celery import Celery, signals
 from kombu.utils.url import maybe_sanitize_url
 
 from app.core.config import Settings, get_settings
+from app.core.sqlite_writes import QueuedWritesConnection
 from worker.janitor import ArtifactJanitor
 from worker.reaper import JobReaper, QueuedJobResender
 from worker.webhooks import WebhookDispatcher
@@ -30,13 +31,14 @@ JOB_QUEUE = "qforge.jobs"
 READY_FILE_ENV = "QFORGE_WORKER_READY_FILE"
 
 
-class BrokerSQLiteConnection(sqlite3.Connection):
+class BrokerSQLiteConnection(QueuedWritesConnection):
     """The embedded broker's SQLite connections, in WAL mode with synchronous=NORMAL as the
     service's own database (app/core/db.py). kombu's SQL transport opens its engine with
     SQLite's defaults, a rollback journal and an fsync on every commit, and publishing a
     job's message was then most of a submission's time. A message lost to a power cut is
     not a lost job: workers send every queued job's message again when they connect
-    (worker.reaper)."""
+    (worker.reaper). The process's writers queue for the file as the database's do
+    (app/core/sqlite_writes.py)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import app
 from app.core.config import get_settings
+from app.core.sqlite_writes import QueuedWritesConnection
 
 SQLITE_BUSY_TIMEOUT_S = 30
 # app/ is a package at the repository root (also with an editable install), migrations/ beside it.
@@ -55,7 +56,10 @@ def _create_engine(url: str) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             pool = {"pool_size": POOL_SIZE, "max_overflow": SQLITE_POOL_OVERFLOW}
         engine = create_engine(
-            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}, **pool
+            url,
+            # the process's writers queue for the file instead of sleeping on SQLite's lock
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False, "factory": QueuedWritesConnection},
+            **pool,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
