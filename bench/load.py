@@ -59,12 +59,11 @@ class LoadResult:
         }
 
 
-async def _client(base_url: str, api_key: str, stop_at: float, result: LoadResult, start_after_s: float) -> None:
+async def _client(client, stop_at: float, result: LoadResult, start_after_s: float) -> None:
     import httpx
 
     await asyncio.sleep(start_after_s)
-    headers = {"Authorization": f"Bearer {api_key}"}
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) as client:
+    async with client:
         while time.monotonic() < stop_at:
             try:
                 started = time.perf_counter()
@@ -100,13 +99,20 @@ async def _warm_up(base_url: str, api_key: str) -> None:
 
 
 async def _run(base_url: str, api_key: str, clients: int, duration_s: float, seed: int, synchronized: bool) -> LoadResult:
+    import httpx
+
     await _warm_up(base_url, api_key)
     result = LoadResult(clients, duration_s)
     rng = random.Random(seed)
     start_after = [0.0 if synchronized else rng.uniform(0, CYCLE_S) for _ in range(clients)]
+    # Made before the clock starts: an httpx client loads its TLS certificates when made
+    # (tens of ms of the loop's time, even for http://), which would stall every request in
+    # flight and be counted as the server's latency.
+    headers = {"Authorization": f"Bearer {api_key}"}
+    made = [httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) for _ in range(clients)]
     stop_at = time.monotonic() + duration_s
     started = time.monotonic()
-    await asyncio.gather(*(_client(base_url, api_key, stop_at, result, delay) for delay in start_after))
+    await asyncio.gather(*(_client(client, stop_at, result, delay) for client, delay in zip(made, start_after)))
     result.duration_s = time.monotonic() - started
     return result
 
