@@ -177,11 +177,12 @@ def _spawn_worker(settings: Settings) -> tuple[subprocess.Popen, Path]:
 def _prepare_worker(nice: int) -> None:
     """In the child before exec.
 
-    A lower CPU priority: the API and the worker share this machine's cores, and a job's
-    torch threads would otherwise take them from the requests (at 50 clients, a job running
-    beside the API multiplied the slowest submissions' latency); the job still gets every
-    cycle the API leaves idle. And on Linux, if serve is killed outright (SIGKILL), the kernel
-    sends the worker SIGTERM, so no worker is left behind consuming jobs."""
+    A lower CPU priority where QFORGE_WORKER_NICE asks for one: the API and the worker share
+    this machine's cores, and a niced job gets only the cycles the API leaves idle. Not the
+    default: a niced worker preempted while it holds the embedded database's lock keeps the
+    API waiting for it, which at 50 clients cost more than the cores it gave back. And on
+    Linux, if serve is killed outright (SIGKILL), the kernel sends the worker SIGTERM, so no
+    worker is left behind consuming jobs."""
     if nice:
         os.nice(nice)
     if sys.platform.startswith("linux"):
