@@ -25,6 +25,8 @@ import os
 import re
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # The leading keyword of a statement that takes SQLite's write lock.
 _WRITES = re.compile(r"\s*(INSERT|UPDATE|DELETE|REPLACE|CREATE|DROP|ALTER|BEGIN\s+(IMMEDIATE|EXCLUSIVE))\b", re.IGNORECASE)
@@ -50,25 +52,16 @@ def writes(statement: str) -> bool:
 
 class QueuedWritesCursor(sqlite3.Cursor):
     def execute(self, sql, parameters=(), /):
-        self.connection._hold_writes_for(sql)
-        try:
+        with self.connection._queued(sql):
             return super().execute(sql, parameters)
-        finally:
-            self.connection._let_go_if_done()
 
     def executemany(self, sql, seq_of_parameters, /):
-        self.connection._hold_writes_for(sql)
-        try:
+        with self.connection._queued(sql):
             return super().executemany(sql, seq_of_parameters)
-        finally:
-            self.connection._let_go_if_done()
 
     def executescript(self, sql_script, /):
-        self.connection._hold_writes_for(sql_script)  # judged by its first statement
-        try:
+        with self.connection._queued(sql_script):  # judged by its first statement
             return super().executescript(sql_script)
-        finally:
-            self.connection._let_go_if_done()
 
 
 class QueuedWritesConnection(sqlite3.Connection):
@@ -93,12 +86,18 @@ class QueuedWritesConnection(sqlite3.Connection):
     def executescript(self, sql_script, /):
         return self.cursor().executescript(sql_script)
 
-    def _hold_writes_for(self, statement: str) -> None:
-        if self._holding or self._write_lock is None or not writes(statement):
-            return
-        if not self._write_lock.acquire(timeout=self._wait_s):
-            raise sqlite3.OperationalError("database is locked")
-        self._holding = True
+    @contextmanager
+    def _queued(self, statement: str) -> Iterator[None]:
+        """Around one statement: the file's lock taken first if it writes, let go after if
+        its transaction is over."""
+        if not self._holding and self._write_lock is not None and writes(statement):
+            if not self._write_lock.acquire(timeout=self._wait_s):
+                raise sqlite3.OperationalError("database is locked")
+            self._holding = True
+        try:
+            yield
+        finally:
+            self._let_go_if_done()
 
     def _let_go(self) -> None:
         if self._holding:
