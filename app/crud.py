@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -21,8 +21,12 @@ from quantcore.job import JobRequest
 Upload = TypeVar("Upload", Dataset, UploadedModel)
 
 
+# built once: a pipeline polls its job over and over, and building the statement cost more than running it
+_TENANT_JOB = select(Job).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
+
+
 def get_job(session: Session, job_id: str, tenant_id: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    return session.scalar(_TENANT_JOB, {"job_id": job_id, "tenant_id": tenant_id})
 
 
 def find_by_idempotency_key(session: Session, key: str, tenant_id: str) -> Job | None:

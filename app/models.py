@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON, BigInteger, Boolean, DateTime, Enum, Float, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator,
-    UniqueConstraint,
+    UniqueConstraint, text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -160,10 +160,23 @@ class ApiKey(Base):
     tenant: Mapped[Tenant] = relationship(lazy="joined")
 
 
+# The jobs whose artifacts count against the tenant's storage (app/quotas.py)
+STORED_ARTIFACTS = text("artifact_path IS NOT NULL AND artifacts_deleted_at IS NULL")
+
+
 class Job(Base):
     __tablename__ = "jobs"
     # an Idempotency-Key is the client's: the same key from two tenants names two jobs
-    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),)
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
+        # Every submission counts the tenant's active jobs and sums its stored artifacts
+        # (app/quotas.py). Through the tenant index alone both read every job the tenant ever
+        # ran, a cost that grows with its history; these read only the active jobs and the
+        # jobs still holding artifacts.
+        Index("ix_jobs_tenant_status", "tenant_id", "status"),
+        Index("ix_jobs_tenant_stored_artifacts", "tenant_id",
+              sqlite_where=STORED_ARTIFACTS, postgresql_where=STORED_ARTIFACTS),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)

@@ -12,7 +12,8 @@ from app.core.config import get_settings
 from worker.celery_app import JOB_QUEUE, RUN_JOB_TASK, celery_app, transport_options
 
 
-def _connection():
+def broker_connection():
+    """A new connection to the configured broker, with its transport's options."""
     url = get_settings().broker_url
     return celery_app.connection_for_write(url, transport_options=transport_options(url))
 
@@ -23,7 +24,7 @@ def enqueue(job_id: str) -> None:
     Through kombu's producer pool for the broker's URL: a pooled connection has declared the
     job queue once, where a new one declares it again (on the SQL transport a query and a
     count of the queue's rows) and opens its own connection, on every submission."""
-    pool = pools.producers[_connection()]  # one pool per distinct broker URL and options
+    pool = pools.producers[broker_connection()]  # one pool per distinct broker URL and options
     with pool.acquire(block=True, timeout=30) as producer:
         celery_app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, producer=producer, retry=True)
 
@@ -38,7 +39,7 @@ def queue_depth() -> int:
     """Messages waiting in the job queue, not counting those a worker has taken and not yet
     acknowledged (the SQL transport's visible rows; Redis's list lengths over the priority
     steps). Raises when the broker is unreachable."""
-    with _connection() as connection:
+    with broker_connection() as connection:
         connection.ensure_connection(max_retries=1)
         channel = connection.default_channel
         return channel.queue_declare(queue=JOB_QUEUE, durable=True, auto_delete=False).message_count

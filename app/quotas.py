@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -58,29 +58,29 @@ def limits(tenant: Tenant | None, settings: Settings) -> Limits:
     )
 
 
-def _active_jobs_query(tenant_id: str):
-    return select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE))
-
-
-def _stored_bytes_queries(tenant_id: str) -> list:
-    uploads = [select(func.coalesce(func.sum(table.bytes), 0)).where(table.tenant_id == tenant_id)
-               for table in (Dataset, UploadedModel)]
-    artifacts = select(func.coalesce(func.sum(func.coalesce(Job.artifacts_total_bytes, Job.artifact_bytes)), 0)).where(
-        Job.tenant_id == tenant_id, Job.artifact_path.is_not(None), Job.artifacts_deleted_at.is_(None)
-    )
-    return [*uploads, artifacts]
+# Built once, with the tenant as a bound parameter: building and hashing these statements
+# anew cost more than running them, on every submission.
+_TENANT = bindparam("tenant_id")
+_ACTIVE_JOBS = select(func.count()).select_from(Job).where(Job.tenant_id == _TENANT, Job.status.in_(ACTIVE))
+_UPLOADED_BYTES = [select(func.coalesce(func.sum(table.bytes), 0)).where(table.tenant_id == _TENANT)
+                   for table in (Dataset, UploadedModel)]
+# the jobs' filter is the partial index ix_jobs_tenant_stored_artifacts's own (app/models.py)
+_ARTIFACT_BYTES = select(func.coalesce(func.sum(func.coalesce(Job.artifacts_total_bytes, Job.artifact_bytes)), 0)).where(
+    Job.tenant_id == _TENANT, Job.artifact_path.is_not(None), Job.artifacts_deleted_at.is_(None)
+)
+_STORED_BYTES = select(*(part.scalar_subquery() for part in (*_UPLOADED_BYTES, _ARTIFACT_BYTES)))
+_USAGE = select(*(part.scalar_subquery() for part in (_ACTIVE_JOBS, *_UPLOADED_BYTES, _ARTIFACT_BYTES)))
 
 
 def stored_bytes(session: Session, tenant_id: str) -> int:
     """Uploads and artifacts in one round trip, without counting active jobs (an upload's check)."""
-    row = session.execute(select(*(part.scalar_subquery() for part in _stored_bytes_queries(tenant_id)))).one()
+    row = session.execute(_STORED_BYTES, {"tenant_id": tenant_id}).one()
     return sum(int(value or 0) for value in row)
 
 
 def usage(session: Session, tenant_id: str) -> Usage:
     """Both counts in one round trip (a submission checks them on every call)."""
-    parts = [_active_jobs_query(tenant_id), *_stored_bytes_queries(tenant_id)]
-    row = session.execute(select(*(part.scalar_subquery() for part in parts))).one()
+    row = session.execute(_USAGE, {"tenant_id": tenant_id}).one()
     return Usage(int(row[0] or 0), sum(int(value or 0) for value in row[1:]))
 
 

@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -116,10 +116,14 @@ def revoke_key(session: Session, key_id: str, tenant_id: str | None = None) -> A
     return key
 
 
+# built once: every API call looks its key up, and building the statement cost more than running it
+_KEY_BY_HASH = select(ApiKey).where(ApiKey.key_hash == bindparam("key_hash"))
+
+
 def find_key(session: Session, presented: str) -> ApiKey | None:
     """The live key a caller presented, or None. Looked up by hash: comparing hashes of a
     256-bit secret leaks nothing an attacker could use through timing."""
-    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(presented)))
+    key = session.scalar(_KEY_BY_HASH, {"key_hash": hash_key(presented)})
     if key is None or key.revoked_at is not None:
         return None
     now = utcnow()

@@ -1,6 +1,15 @@
-"""The artifact sweep on a worker's timer: deletes the artifacts of jobs past the retention
-setting (`artifact_retention_days`) and the leftovers of uploads that never completed.
-Every worker runs it; two sweeping at once only delete the same files twice."""
+"""Housekeeping on a worker's timer.
+
+- The artifact sweep deletes the artifacts of jobs past the retention setting
+  (`artifact_retention_days`) and the leftovers of uploads that never completed.
+- On a SQL broker (the embedded default's), delivered messages are deleted. kombu's SQL
+  transport never deletes a message: it marks it invisible when a worker takes it, and every
+  poll, which holds the broker's write lock on SQLite, then walks past all of them to find
+  the next visible one. A poll cost 1.6 ms with one delivered message and 6 ms with 5,000,
+  every second, in the way of every submission's publish. No one reads an invisible message
+  again: an unacknowledged one goes back to the queue as a new message (kombu's restore,
+  or worker.reaper when its worker died).
+Every worker runs both; two at once only delete the same things twice."""
 
 from __future__ import annotations
 
@@ -22,19 +31,45 @@ def sweep_artifacts() -> None:
         log.exception("artifact sweep failed; trying again at the next interval")
 
 
+BROKER_PRUNE_INTERVAL_S = 60.0
+
+
+def is_sql_broker(broker_url: str) -> bool:
+    return broker_url.split("://", 1)[0].startswith(("sqla+", "sqlalchemy+"))
+
+
+def prune_delivered_messages() -> int:
+    """Delete the SQL broker's delivered messages; returns how many."""
+    from app.queue import broker_connection
+
+    try:
+        with broker_connection() as connection:
+            channel = connection.default_channel
+            message = channel.message_cls
+            deleted = channel.session.query(message).filter(message.visible.is_(False)).delete(synchronize_session=False)
+            channel.session.commit()
+            return deleted
+    except Exception:  # a broker outage must not stop the timer
+        log.exception("pruning the broker's delivered messages failed; trying again at the next interval")
+        return 0
+
+
 class ArtifactJanitor(bootsteps.StartStopStep):
     requires = {"celery.worker.components:Timer"}
 
     def __init__(self, worker, **kwargs) -> None:
         super().__init__(worker, **kwargs)
-        self.timer_ref = None
+        self.timer_refs = []
 
     def start(self, worker) -> None:
-        interval = get_settings().artifact_sweep_interval_s
+        settings = get_settings()
         worker.timer.call_after(1.0, sweep_artifacts, priority=0)  # once soon after start
-        self.timer_ref = worker.timer.call_repeatedly(interval, sweep_artifacts, priority=0)
+        self.timer_refs.append(worker.timer.call_repeatedly(settings.artifact_sweep_interval_s, sweep_artifacts, priority=0))
+        if is_sql_broker(settings.broker_url):
+            worker.timer.call_after(1.0, prune_delivered_messages, priority=0)
+            self.timer_refs.append(worker.timer.call_repeatedly(BROKER_PRUNE_INTERVAL_S, prune_delivered_messages, priority=0))
 
     def stop(self, worker) -> None:
-        if self.timer_ref is not None:
-            self.timer_ref.cancel()
-            self.timer_ref = None
+        for timer_ref in self.timer_refs:
+            timer_ref.cancel()
+        self.timer_refs.clear()

@@ -49,3 +49,27 @@ def test_the_embedded_broker_publishes_in_wal_mode_without_an_fsync_per_commit(s
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1
         payloads = connection.exec_driver_sql("SELECT payload FROM kombu_message").scalars().all()
     assert [json.loads(p)["headers"]["id"] for p in payloads] == ["job-wal-check", "job-wal-check-2"]
+
+
+def test_delivered_messages_are_pruned_and_waiting_ones_kept_in_order(settings):
+    import sqlite3
+
+    from app import queue
+    from worker.celery_app import JOB_QUEUE
+    from worker.janitor import prune_delivered_messages
+
+    sent = [f"job-{n}" for n in range(5)]
+    for job_id in sent:
+        queue.enqueue(job_id)
+    with queue.broker_connection() as connection:
+        channel = connection.default_channel
+        taken = [channel._get(JOB_QUEUE)["headers"]["id"] for _ in range(2)]  # as a worker's poll takes them
+    assert taken == sent[:2]
+
+    assert prune_delivered_messages() == 2
+    rows = sqlite3.connect(settings.data_dir / "broker.db").execute("SELECT payload, visible FROM kombu_message ORDER BY id")
+    assert [(json.loads(payload)["headers"]["id"], visible) for payload, visible in rows] == [(j, 1) for j in sent[2:]]
+    assert queue.queue_depth() == 3
+    with queue.broker_connection() as connection:
+        assert connection.default_channel._get(JOB_QUEUE)["headers"]["id"] == "job-2"
+    assert prune_delivered_messages() == 1
