@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from app import logctx, quotas, tenants
 from app.core.config import Settings, settings_dependency
-from app.core.db import get_session
+from app.core.db import get_session, run_db
 from app.errors import Problem
 from app.models import Scope
 
@@ -51,7 +51,7 @@ def caller_for_key(session, presented: str | None) -> Caller | None:
     return Caller(key.tenant_id, key.id, key.scope) if key is not None else None
 
 
-def authenticate(
+async def authenticate(
     request: Request,
     session: Annotated[Session, Depends(get_session)],
     settings: Annotated[Settings, Depends(settings_dependency)],
@@ -61,7 +61,7 @@ def authenticate(
     presented = credentials.credentials if credentials is not None else header_key
     if not presented:
         raise unauthorized("this call needs an API key: send `Authorization: Bearer <key>`")
-    key = tenants.find_key(session, presented)
+    key = await run_db(tenants.find_key, session, presented)
     if key is None:
         raise unauthorized("the API key is not valid: it was revoked, or never issued here")
     caller = Caller(key.tenant_id, key.id, key.scope)

@@ -154,6 +154,12 @@ class Settings(BaseSettings):
         return self.database_url.startswith("sqlite")
 
     @property
+    def storage_in_process(self) -> bool:
+        """Database and broker are SQLite files this process reads and writes itself (the
+        embedded default): their work is CPU time in this process, never a network wait."""
+        return self.database_url.startswith("sqlite") and self.broker_url.startswith(("sqla+sqlite", "sqlalchemy+sqlite"))
+
+    @property
     def api_url(self) -> str:
         """The base of links handed to webhook receivers."""
         if self.public_url:

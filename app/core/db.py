@@ -8,21 +8,24 @@ instead of failing with "database is locked").
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, TypeVar
 
 import anyio
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 import app
 from app.core.config import get_settings
 from app.core.sqlite_writes import QueuedWritesConnection
 
+T = TypeVar("T")
 SQLITE_BUSY_TIMEOUT_S = 30
 # app/ is a package at the repository root (also with an editable install), migrations/ beside it.
 MIGRATIONS_DIR = Path(app.__file__).resolve().parent.parent / "migrations"
@@ -88,21 +91,38 @@ def new_session() -> Session:
     return _entry(get_settings().database_url)[1]()
 
 
+async def run_db(function: Callable[..., T], /, *args: Any) -> T:
+    """Database work called from async code: run on the event loop itself when the database
+    and broker are SQLite (the embedded default), in a worker thread otherwise.
+
+    A SQLite query is CPU work of this process under the GIL, not a wait, and the trip to a
+    thread cost more than the queries: 0.7 to 1 ms of CPU each on this 2-core machine, and
+    under load each trip waits for the GIL behind the other requests' threads (a poll made
+    three). A network database's round trips go to a thread, so that a slow query or a
+    restart never stalls the other requests.
+    What runs here must end its write transactions before returning (commit or roll back):
+    a request holding the file's write lock across an await would block the loop's next
+    writer, and with it the request that holds the lock (app/core/sqlite_writes.py)."""
+    if get_settings().storage_in_process:
+        return function(*args)
+    return await run_in_threadpool(function, *args)
+
+
 async def get_session() -> AsyncIterator[Session]:
     """A request's session (a FastAPI dependency: app.api.deps.SessionDep).
 
     Async, so FastAPI makes and closes it in the request's own task: a sync generator
     dependency costs two trips to a worker thread, and under load each trip waits for the
     GIL behind the other requests' threads. Making a session does no I/O; closing one that
-    still holds a connection (a read's transaction to roll back) goes to a thread, shielded
-    so that a client hanging up cannot leave the connection checked out."""
+    still holds a connection (a read's transaction to roll back) is database work
+    (`run_db`), shielded so that a client hanging up cannot leave the connection checked out."""
     session = new_session()
     try:
         yield session
     finally:
         if session.in_transaction():
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(session.close)
+                await run_db(session.close)
         else:
             session.close()
 

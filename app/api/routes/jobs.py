@@ -1,9 +1,10 @@
 """/v1/jobs: submit, list, inspect, follow, read the log, cancel, and fetch the report and artifact.
 
 The calls a pipeline makes over and over (submit, list, poll, read the log, cancel) are async
-routes whose database work runs in one trip to a worker thread: FastAPI runs a plain route in
-a thread and then validates its answer in another, and under load every trip waits for the
-GIL behind the other requests' threads (at 50 clients, most of a submission's latency).
+routes whose database work is one `run_db` call (on the loop for the embedded default, else
+one trip to a worker thread): FastAPI runs a plain route in a thread and then validates its
+answer in another, and under load every trip waits for the GIL behind the other requests'
+threads (at 50 clients, most of a submission's latency).
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse
-from starlette.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse
 
 from app import artifacts, crud, joblog, jobs, try_model
 from app.artifact_store import ArtifactStoreError, store_for
 from app.api.deps import JobDep, SessionDep, SettingsDep
+from app.core.db import run_db
 from app.auth import CallerDep, SubmitterDep, authenticate, require
 from app.errors import validation_problem
 from app.events import job_events
@@ -40,7 +41,7 @@ async def submit_job(
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobOut:
-    job, created = await run_in_threadpool(jobs.submit, session, request, idempotency_key, settings, caller.tenant_id)
+    job, created = await run_db(jobs.submit, session, request, idempotency_key, settings, caller.tenant_id)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
@@ -56,7 +57,7 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> JobPage:
-    items, total = await run_in_threadpool(crud.list_jobs, session, caller.tenant_id, status, limit, offset)
+    items, total = await run_db(crud.list_jobs, session, caller.tenant_id, status, limit, offset)
     return JobPage(items=[JobOut.from_row(j, settings) for j in items], total=total, limit=limit, offset=offset)
 
 
@@ -79,7 +80,7 @@ async def job_logs(
     after: Annotated[int, Query(ge=0, description="the last seq already read; 0: from the first kept line")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JobLogPage:
-    lines = [JobLogLine.from_row(row) for row in await run_in_threadpool(joblog.read, session, job.id, after, limit)]
+    lines = [JobLogLine.from_row(row) for row in await run_db(joblog.read, session, job.id, after, limit)]
     return JobLogPage(items=lines, next_after=lines[-1].seq if lines else after)
 
 
@@ -138,7 +139,7 @@ def try_job(job: JobDep, settings: SettingsDep, body: TryRequest | None = None) 
 async def cancel_job(job: JobDep, session: SessionDep, settings: SettingsDep, response: Response) -> JobOut:
     """A queued job is cancelled at once (200); a running one stops within about a
     second (202, `cancel_requested` set)."""
-    job, was_running = await run_in_threadpool(jobs.cancel, session, job)
+    job, was_running = await run_db(jobs.cancel, session, job)
     # 202 for a running job even when its worker has stopped by now: the answer describes
     # what the request did, not a race with the worker
     response.status_code = 202 if was_running else 200
