@@ -103,9 +103,18 @@ async def run_db(function: Callable[..., T], /, *args: Any) -> T:
     What runs here must end its write transactions before returning (commit or roll back):
     a request holding the file's write lock across an await would block the loop's next
     writer, and with it the request that holds the lock (app/core/sqlite_writes.py)."""
-    if get_settings().storage_in_process:
+    if not get_settings().storage_in_process:
+        return await run_in_threadpool(function, *args)
+    try:
         return function(*args)
-    return await run_in_threadpool(function, *args)
+    except BaseException:
+        # Work that failed mid-write (a disk full, a lock timeout) ends its transaction here,
+        # before the loop runs anything else, instead of at the session's close after the
+        # error response is sent.
+        for session in args:
+            if isinstance(session, Session) and session.in_transaction():
+                session.rollback()
+        raise
 
 
 async def get_session() -> AsyncIterator[Session]:

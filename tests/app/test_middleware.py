@@ -61,8 +61,9 @@ def test_lines_written_while_the_route_runs_carry_the_job_id(client, submit, jso
 
 
 def test_the_key_s_tenant_bound_by_the_auth_dependency_reaches_the_request_line(client, submit, json_log):
-    """FastAPI runs the (sync) auth dependency in a worker thread, on a copy of the request's
-    context: its tenant_id must still reach the request's own line."""
+    """The auth dependency binds the key's tenant inside the request's dependencies, which
+    FastAPI may run on a copy of the request's context (a sync one in a worker thread): its
+    tenant_id must still reach the request's own line."""
     job_id = submit().json()["id"]
     assert client.get(f"/v1/jobs/{job_id}").status_code == 200
     line = access_lines(json_log)[-1]
