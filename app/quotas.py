@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.errors import Problem
-from app.models import Dataset, Job, JobStatus, Tenant, UploadedModel
+from app.models import STORED_ARTIFACTS, Dataset, Job, JobStatus, Tenant, UploadedModel
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 ACTIVE_JOBS_RETRY_AFTER_S = 30  # a guess at when one job may have finished; clients may poll sooner
@@ -64,9 +64,10 @@ _TENANT = bindparam("tenant_id")
 _ACTIVE_JOBS = select(func.count()).select_from(Job).where(Job.tenant_id == _TENANT, Job.status.in_(ACTIVE))
 _UPLOADED_BYTES = [select(func.coalesce(func.sum(table.bytes), 0)).where(table.tenant_id == _TENANT)
                    for table in (Dataset, UploadedModel)]
-# the jobs' filter is the partial index ix_jobs_tenant_stored_artifacts's own (app/models.py)
+# filtered by the partial index ix_jobs_tenant_stored_artifacts's own condition (app/models.py),
+# which the planner needs to find in the query to use the index
 _ARTIFACT_BYTES = select(func.coalesce(func.sum(func.coalesce(Job.artifacts_total_bytes, Job.artifact_bytes)), 0)).where(
-    Job.tenant_id == _TENANT, Job.artifact_path.is_not(None), Job.artifacts_deleted_at.is_(None)
+    Job.tenant_id == _TENANT, STORED_ARTIFACTS
 )
 _STORED_BYTES = select(*(part.scalar_subquery() for part in (*_UPLOADED_BYTES, _ARTIFACT_BYTES)))
 _USAGE = select(*(part.scalar_subquery() for part in (_ACTIVE_JOBS, *_UPLOADED_BYTES, _ARTIFACT_BYTES)))

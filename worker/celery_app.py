@@ -16,9 +16,9 @@ from pathlib import Path
 from celery import Celery, signals
 from kombu.utils.url import maybe_sanitize_url
 
-from app.core.config import Settings, get_settings
+from app.core.config import Settings, get_settings, is_sqlite_broker
 from app.core.sqlite_writes import QueuedWritesConnection
-from worker.janitor import ArtifactJanitor
+from worker.janitor import Janitor
 from worker.reaper import JobReaper, QueuedJobResender
 from worker.webhooks import WebhookDispatcher
 
@@ -48,7 +48,7 @@ class BrokerSQLiteConnection(QueuedWritesConnection):
 def transport_options(broker_url: str) -> dict:
     """Broker-specific options: what suits one transport is an error for another."""
     scheme = broker_url.split("://", 1)[0]
-    if scheme.startswith(("sqla+sqlite", "sqlalchemy+sqlite")):
+    if is_sqlite_broker(broker_url):
         # Handed to create_engine, then sqlite3.connect: wait for the other process's write
         # instead of failing.
         return {"connect_args": {"timeout": 30, "factory": BrokerSQLiteConnection}}
@@ -81,7 +81,7 @@ def create_celery(settings: Settings) -> Celery:
         task_publish_retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 2},
     )
     app.steps["worker"].add(JobReaper)
-    app.steps["worker"].add(ArtifactJanitor)
+    app.steps["worker"].add(Janitor)
     app.steps["worker"].add(WebhookDispatcher)
     app.steps["consumer"].add(QueuedJobResender)
     return app

@@ -17,7 +17,7 @@ import logging
 
 from celery import bootsteps
 
-from app.core.config import get_settings
+from app.core.config import get_settings, is_sql_broker
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,6 @@ def sweep_artifacts() -> None:
 
 
 BROKER_PRUNE_INTERVAL_S = 60.0
-
-
-def is_sql_broker(broker_url: str) -> bool:
-    return broker_url.split("://", 1)[0].startswith(("sqla+", "sqlalchemy+"))
 
 
 def prune_delivered_messages() -> int:
@@ -54,7 +50,9 @@ def prune_delivered_messages() -> int:
         return 0
 
 
-class ArtifactJanitor(bootsteps.StartStopStep):
+class Janitor(bootsteps.StartStopStep):
+    """Worker bootstep: each chore once soon after start, then at its interval."""
+
     requires = {"celery.worker.components:Timer"}
 
     def __init__(self, worker, **kwargs) -> None:
@@ -63,11 +61,13 @@ class ArtifactJanitor(bootsteps.StartStopStep):
 
     def start(self, worker) -> None:
         settings = get_settings()
-        worker.timer.call_after(1.0, sweep_artifacts, priority=0)  # once soon after start
-        self.timer_refs.append(worker.timer.call_repeatedly(settings.artifact_sweep_interval_s, sweep_artifacts, priority=0))
+        self._schedule(worker, settings.artifact_sweep_interval_s, sweep_artifacts)
         if is_sql_broker(settings.broker_url):
-            worker.timer.call_after(1.0, prune_delivered_messages, priority=0)
-            self.timer_refs.append(worker.timer.call_repeatedly(BROKER_PRUNE_INTERVAL_S, prune_delivered_messages, priority=0))
+            self._schedule(worker, BROKER_PRUNE_INTERVAL_S, prune_delivered_messages)
+
+    def _schedule(self, worker, interval_s: float, chore) -> None:
+        worker.timer.call_after(1.0, chore, priority=0)
+        self.timer_refs.append(worker.timer.call_repeatedly(interval_s, chore, priority=0))
 
     def stop(self, worker) -> None:
         for timer_ref in self.timer_refs:

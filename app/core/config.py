@@ -157,7 +157,7 @@ class Settings(BaseSettings):
     def storage_in_process(self) -> bool:
         """Database and broker are SQLite files this process reads and writes itself (the
         embedded default): their work is CPU time in this process, never a network wait."""
-        return self.database_url.startswith("sqlite") and self.broker_url.startswith(("sqla+sqlite", "sqlalchemy+sqlite"))
+        return self.database_url.startswith("sqlite") and is_sqlite_broker(self.broker_url)
 
     @property
     def api_url(self) -> str:
@@ -181,6 +181,16 @@ class Settings(BaseSettings):
     def work_dir(self) -> Path:
         """Where running jobs write; each job's folder is removed once its artifact is archived."""
         return self.artifact_dir / "work"
+
+
+def is_sql_broker(broker_url: str) -> bool:
+    """kombu's SQL transport (`sqla+<database URL>`), on any database."""
+    return broker_url.split("://", 1)[0].startswith(("sqla+", "sqlalchemy+"))
+
+
+def is_sqlite_broker(broker_url: str) -> bool:
+    """kombu's SQL transport on a SQLite file (the embedded default's broker)."""
+    return broker_url.startswith(("sqla+sqlite", "sqlalchemy+sqlite"))
 
 
 @lru_cache
