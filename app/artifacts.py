@@ -180,15 +180,19 @@ def _signature(key: bytes, file: str, expires: int) -> str:
 def signed_link(settings: Settings, artifact: StoredArtifact, expires_in: int, base_url: str) -> tuple[str, dt.datetime]:
     """A download link anyone holding it may use until it expires: the object store's own
     when it has them (and artifact_links is 'store'), else one to this API."""
-    expires = utcnow().replace(microsecond=0) + dt.timedelta(seconds=expires_in)
+    now = utcnow()
     store = store_for(settings)
     if settings.artifact_links == "store":
         try:
             url = store.signed_url(artifact.file, expires_in, artifact.download_name)
         except ArtifactStoreError as exc:
             raise store_unavailable(exc) from None
-        if url is not None:
-            return url, expires
+        if url is not None:  # the store signs with its request time in whole seconds
+            return url, now.replace(microsecond=0) + dt.timedelta(seconds=expires_in)
+    # rounded up to the next whole second: rounding down would let a link asked to last one
+    # second expire a few microseconds after it was issued
+    whole_second = now.replace(microsecond=0) + dt.timedelta(seconds=1 if now.microsecond else 0)
+    expires = whole_second + dt.timedelta(seconds=expires_in)
     stamp = int(expires.timestamp())
     signature = _signature(signing_key(settings), artifact.file, stamp)
     return f"{base_url.rstrip('/')}/v1/artifacts/{artifact.file}?expires={stamp}&signature={signature}", expires

@@ -98,7 +98,7 @@ def test_api_links_are_checked_for_tampering_and_expiry(client, finished_job, mo
 
     get_settings.cache_clear()
     job_id, payloads = finished_job()
-    url = client.post(f"/v1/jobs/{job_id}/artifact/link", json={"expires_in": 1}).json()["url"]
+    url = client.post(f"/v1/jobs/{job_id}/artifact/link", json={"expires_in": 2}).json()["url"]
     assert url.startswith("http://testserver/v1/artifacts/")  # also when the store could presign
     assert client.get(url, headers={"Range": "bytes=0-9"}).content == payloads["qforge"][:10]
 
@@ -107,9 +107,32 @@ def test_api_links_are_checked_for_tampering_and_expiry(client, finished_job, mo
     for forged in (other_file, later, url[:-3] + "AAA"):
         response = client.get(forged)
         assert response.status_code == 403 and response.json()["type"] == PROBLEM + "link-invalid"
-    time.sleep(2.1)
+    time.sleep(3.1)  # a link lives at least what was asked and less than a second more
     expired = client.get(url)
     assert expired.status_code == 403 and expired.json()["type"] == PROBLEM + "link-expired"
+
+
+def test_an_api_link_lives_at_least_what_was_asked(settings, monkeypatch):
+    """Issued a microsecond before a whole second, a one-second link still works for one
+    second (it once expired at that boundary, a microsecond after it was issued)."""
+    from app import artifacts
+    from app.errors import Problem
+
+    settings.artifact_links = "api"
+    issued = dt.datetime(2026, 1, 1, 12, 0, 0, 999_999, tzinfo=dt.UTC)
+    artifact = artifacts.StoredArtifact("a" * 32, None, "a" * 32 + ".tar", "0" * 64, 1)
+    monkeypatch.setattr(artifacts, "utcnow", lambda: issued)
+    url, expires_at = artifacts.signed_link(settings, artifact, 1, "http://testserver/")
+    assert (expires_at - issued).total_seconds() >= 1
+    stamp = int(url.split("expires=")[1].split("&")[0])
+    signature = url.split("signature=")[1]
+    for elapsed in (0.0, 0.5, 0.999_999):
+        monkeypatch.setattr(artifacts, "utcnow", lambda e=elapsed: issued + dt.timedelta(seconds=e))
+        artifacts.check_link(settings, artifact.file, stamp, signature)
+    monkeypatch.setattr(artifacts, "utcnow", lambda: issued + dt.timedelta(seconds=2))
+    with pytest.raises(Problem) as expired:
+        artifacts.check_link(settings, artifact.file, stamp, signature)
+    assert expired.value.status == 403 and expired.value.slug == "link-expired"
 
 
 def test_link_lifetime_is_bounded(client, finished_job, monkeypatch):
