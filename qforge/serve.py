@@ -185,11 +185,24 @@ def _prepare_worker(nice: int) -> None:
     worker is left behind consuming jobs."""
     if nice:
         os.nice(nice)
+        _nice_autogroup(nice)
     if sys.platform.startswith("linux"):
         import ctypes
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _nice_autogroup(nice: int) -> None:
+    """Where Linux groups the scheduling of each session (sched_autogroup, on in most
+    distributions' kernels), a process's nice value only ranks it within its own session: the
+    worker, a session of its own, would still get an equal share of the cores beside the
+    API's session, however niced. The session's own nice value ranks it against the others."""
+    try:
+        with open("/proc/self/autogroup", "w") as autogroup:
+            autogroup.write(str(nice))
+    except OSError:  # no autogroups here (other systems, or a kernel without them): os.nice was enough
+        pass
 
 
 def _wait_until_ready(worker: subprocess.Popen, ready: Path) -> bool:

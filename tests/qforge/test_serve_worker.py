@@ -20,3 +20,18 @@ def test_the_worker_runs_as_much_lower_in_cpu_priority_as_asked(nice):
         preexec_fn=functools.partial(_prepare_worker, nice), capture_output=True, text=True, check=True,
     )
     assert int(child.stdout) == min(19, os.nice(0) + nice)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="the kernel groups no sessions (sched_autogroup off)")
+def test_the_workers_own_session_is_niced_against_the_apis():
+    """The worker is a session of its own; where Linux schedules sessions as groups, the
+    group's nice value is what ranks the worker against the API, so it carries the setting
+    too (the kernel's own report: /proc/<pid>/autogroup, '/autogroup-<n> nice <value>')."""
+    child = subprocess.run(
+        [sys.executable, "-c", "print(open('/proc/self/autogroup').read())"],
+        start_new_session=True, preexec_fn=functools.partial(_prepare_worker, 12),
+        capture_output=True, text=True, check=True,
+    )
+    with open("/proc/self/autogroup") as own:
+        assert own.read().split()[0] != child.stdout.split()[0]  # a group of its own
+    assert child.stdout.split()[-1] == "12"
