@@ -32,10 +32,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     worker_concurrency: int = Field(1, ge=1, description="jobs one worker runs at once (each holds a whole model)")
     worker_nice: int = Field(
-        0, ge=0, le=19,
+        10, ge=0, le=19,
         description="`qforge serve`: how much lower the worker's CPU priority is than the API's (0: the same). "
-        "Keeps a job's torch threads off the API's cores, but on the embedded default a niced worker that holds "
-        "SQLite's lock keeps the API waiting: there it measured worse (bench/RESULTS.md)",
+        "A job's torch threads then get the cycles the API leaves idle: at 50 clients with a job running, "
+        "submit p99 fell from 540-760 ms at 0 to 25-39 ms at 10 on the embedded default (bench/RESULTS.md)",
     )
     max_job_attempts: int = Field(2, ge=1, description="runs of a job whose worker was lost before it is failed")
     job_heartbeat_timeout: float = Field(
