@@ -158,15 +158,24 @@ def run_hostile(folder: Path) -> dict:
     return {"hostile_uploads": result.sent, "hostile_accepted": len(result.accepted), "details": result.summary()}
 
 
-def run_load_on(folder: Path, label: str, clients: int, duration_s: float, **settings: str) -> dict:
+def run_load_on(folder: Path, label: str, clients: int, duration_s: float, jobs_beside: int = 0,
+                **settings: str) -> dict:
+    """bench/load.py against a live `qforge serve`. `jobs_beside` real jobs are queued first,
+    never cancelled, so that the worker quantizes all through the load (without them it runs
+    one only when it picks a submission before its client cancels it)."""
+    import httpx
+
     data_dir = folder / f"load-{label}"
     env = service_env(data_dir=str(data_dir), **settings)
     qforge("admin", "tenant", "create", "load", env=env)
     qforge("admin", "tenant", "quota", "load", "--max-active-jobs", "1000000", "--requests-per-minute", "0", env=env)
     key = qforge("admin", "key", "create", "--tenant", "load", "--scope", "submit", env=env).strip()
     with qforge_service(data_dir, env) as service:
+        for _ in range(jobs_beside):
+            httpx.post(f"{service.url}/v1/jobs", json=load.JOB, headers={"Authorization": f"Bearer {key}"},
+                       timeout=120).raise_for_status()
         result = load.run_load(service.url, key, clients=clients, duration_s=duration_s)
-    return {f"load_{label}": result.summary()}
+    return {f"load_{label}": {**result.summary(), "jobs_beside": jobs_beside}}
 
 
 def run_chaos(folder: Path, kills: int) -> dict:
@@ -214,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chaos-kills", type=int, default=20)
     parser.add_argument("--backends", nargs="*", choices=BACKENDS, default=list(BACKENDS),
                         help="where isolation and fuzzing run (default: both)")
+    parser.add_argument("--jobs-beside", type=int, default=0,
+                        help="load: real jobs queued before the clients start, so one runs all through the load")
+    parser.add_argument("--worker-nice", type=int, choices=range(20), metavar="0-19",
+                        help="load: the service's QFORGE_WORKER_NICE (default: the service's own default)")
     parser.add_argument("--results", type=Path, help="write the table into this RESULTS.md")
     args = parser.parse_args(argv)
     parts = set(args.only or ("isolation", "fuzz", "hostile", "chaos", "load"))
@@ -240,16 +253,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"jobs killed / lost: {figures['jobs_killed']} / {figures['jobs_lost']} "
                   f"({figures['kills']} kills)", flush=True)
         if "load" in parts:
-            figures.update(run_load_on(folder, "embedded", args.clients, args.duration))
+            tuning = {"jobs_beside": args.jobs_beside}
+            if args.worker_nice is not None:
+                tuning["worker_nice"] = str(args.worker_nice)
+            figures.update(run_load_on(folder, "embedded", args.clients, args.duration, **tuning))
             with postgres() as database_url, redis_server() as broker_url:
-                figures.update(run_load_on(folder, "postgres_redis", args.clients, args.duration,
+                figures.update(run_load_on(folder, "postgres_redis", args.clients, args.duration, **tuning,
                                            database_url=database_url, broker_url=broker_url))
             for label in ("embedded", "postgres_redis"):
                 s = figures[f"load_{label}"]
                 verdict = "meets" if s["submit_p99_ms"] < LATENCY_BUDGET_MS else "MISSES"
                 print(f"submit latency at {s['clients']} clients, {label}: p50 {s['submit_p50_ms']} ms, "
                       f"p99 {s['submit_p99_ms']} ms ({verdict} p99 < {LATENCY_BUDGET_MS:.0f} ms); "
-                      f"{s['submissions']} submissions, 5xx/errors {s['server_errors']}", flush=True)
+                      f"{s['submissions']} submissions, 5xx/errors {s['server_errors']}"
+                      + (f"; {s['jobs_beside']} jobs queued beside" if s["jobs_beside"] else ""), flush=True)
     print(json.dumps(figures, indent=2, default=str))
     if args.results:
         write_results(args.results, figures, args)
@@ -260,6 +277,8 @@ def write_results(path: Path, figures: dict, args) -> None:
     lines = ["## Reliability and security (bench/reliability.py)", "",
              f"Command: `python bench/reliability.py --clients {args.clients} --duration {args.duration:g} "
              f"--fuzz-cases {args.fuzz_cases} --chaos-kills {args.chaos_kills}"
+             + (f" --jobs-beside {args.jobs_beside}" if args.jobs_beside else "")
+             + (f" --worker-nice {args.worker_nice}" if args.worker_nice is not None else "")
              + (f" --only {' '.join(args.only)}" if args.only else "")
              + (f" --backends {' '.join(args.backends)}" if list(args.backends) != list(BACKENDS) else "")
              + " --results bench/RESULTS.md`", ""]
