@@ -34,8 +34,9 @@ class Settings(BaseSettings):
     worker_nice: int = Field(
         10, ge=0, le=19,
         description="`qforge serve`: how much lower the worker's CPU priority is than the API's (0: the same). "
-        "A job's torch threads then get the cycles the API leaves idle: at 50 clients with a job running, "
-        "submit p99 fell from 540-760 ms at 0 to 25-39 ms at 10 on the embedded default (bench/RESULTS.md)",
+        "A job's torch threads then get the cycles the API leaves idle: at 50 clients with jobs running all "
+        "through, the embedded default's submit p50 / p99 were 11.9 / 155 ms at 10 against 25.6 / 691 ms at 0 "
+        "(bench/RESULTS.md, runs B10 and B0)",
     )
     max_job_attempts: int = Field(2, ge=1, description="runs of a job whose worker was lost before it is failed")
     job_heartbeat_timeout: float = Field(
