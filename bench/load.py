@@ -6,10 +6,10 @@ Clients are asyncio tasks on one event loop (one process, so the measuring costs
 CPU beside the server's on a small machine), each with one keep-alive connection of
 bench/loopback_http.py: httpx cost about 3 ms of CPU a request here, a quarter of a core
 at 50 clients taken from the server it measured, and its responses waited for that loop.
-Each submitted job is cancelled after its polls, so the worker skips most jobs; it keeps starting the newest ones, which load the model
-and quantize until their cancellation, a few seconds in. What is measured is the API, its
-database and its broker under submissions, as a CI fleet makes them, with a job running
-beside them.
+Each submitted job is cancelled after its polls, so the worker skips most jobs; it runs one
+only when it picks a submission before its client cancels it (bench/reliability.py's
+--jobs-beside queues real jobs first, to keep one running all through). What is measured is
+the API, its database and its broker under submissions, as a CI fleet makes them.
 Clients start at random moments (seeded) within their first cycle, as a fleet of pipelines
 does: started in the same millisecond, 50 clients stay in step, their requests arriving in
 bursts of 50 at once every second (`synchronized=True` measures that).

@@ -182,9 +182,9 @@ def _prepare_worker(nice: int) -> None:
     of them while clients wait. A niced worker preempted while it holds the embedded
     database's write lock keeps the API's writers waiting, but only for that short write's
     own time: measured with jobs running all through a load of 50 clients, the API's submit
-    p99 was 155 ms at 10 against 691 ms at 0 (bench/RESULTS.md, runs B10 and B0). And on Linux, if serve is killed outright
-    (SIGKILL), the kernel sends the worker SIGTERM, so no worker is left behind consuming
-    jobs."""
+    p99 was 155 ms at 10 against 691 ms at 0 (bench/RESULTS.md, runs B10 and B0). And on
+    Linux, if serve is killed outright (SIGKILL), the kernel sends the worker SIGTERM, so no
+    worker is left behind consuming jobs."""
     if nice:
         os.nice(nice)
         _nice_autogroup(nice)
