@@ -135,6 +135,21 @@ def test_restarting_serve_loses_no_queued_job(start_service):
     assert leftovers(client.service.data_dir) == ([], succeeded)
 
 
+def least_address_space(process, seconds: float = 1.0) -> int:
+    """The smallest address space the process held over `seconds`. A window's evaluation holds
+    the last window's logits and, from its output layer on, the new ones (and cross-entropy's
+    log-softmax beside them): a reading taken then lies ~200 MB above the level between
+    windows, and a limit above it lets every later window fit (a CI run once saw that: the job
+    succeeded past its limit). The least reading over more than a window's forward pass is
+    that level, which each window's new logits (100 MB) exceed."""
+    least = process.memory_info().vms
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        least = min(least, process.memory_info().vms)
+        time.sleep(0.002)
+    return least
+
+
 def test_running_out_of_memory_or_disk_fails_the_job_with_the_reason_and_no_partial_files(start_service):
     """The job's pool process is given a lower limit mid-job, as a full machine would impose
     one: its address space (the next large allocation fails) or its file size (as on a disk
@@ -145,7 +160,7 @@ def test_running_out_of_memory_or_disk_fails_the_job_with_the_reason_and_no_part
     serve = ServeWorker(client.service.process.pid)
     faults = {
         # the evaluation allocates the logits of a window: 512 x 49152 floats, 100 MB
-        "evaluate": (psutil.RLIMIT_AS, lambda pool: pool.memory_info().vms + 32 * 2**20, "out of memory on the worker"),
+        "evaluate": (psutil.RLIMIT_AS, lambda pool: least_address_space(pool) + 32 * 2**20, "out of memory on the worker"),
         # the export writes the model, ~100 MB, the first file past 16 MB
         "quantize": (psutil.RLIMIT_FSIZE, lambda pool: 16 * 2**20, "file-size limit"),
     }
@@ -155,10 +170,11 @@ def test_running_out_of_memory_or_disk_fails_the_job_with_the_reason_and_no_part
         job_id = submit(client, {**CHAOS_JOB, "evaluation": {"perplexity_tokens": 8192, "baseline": False}})
         wait_for_stage(client, job_id, stage)
         [pool] = serve.main().children()
-        pool.rlimit(resource, (limit(pool), limit(pool)))
+        lowered_to = limit(pool)
+        pool.rlimit(resource, (lowered_to, lowered_to))
         limited_in = client.get(f"/v1/jobs/{job_id}").json()["progress"]["stage"]
         [job] = wait_until_finished(client, [job_id], time.monotonic() + 600).values()
-        assert job["status"] == "failed" and reason in job["error"], (stage, limited_in, job)
+        assert job["status"] == "failed" and reason in job["error"], (stage, limited_in, lowered_to, job)
         assert "Traceback" not in job["error"]
         assert client.get(f"/v1/jobs/{job_id}/artifact").status_code == 409
     assert leftovers(client.service.data_dir) == ([], [])
