@@ -8,6 +8,7 @@ most an unreferenced folder, never a row that points at a half-written or unchec
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import archives, crud, dataset_files, gguf_files, model_files, model_folders, upload_stream
 from app.core.config import Settings
+from app.core.db import run_db
 from app.errors import validation_problem
 from app.models import Dataset, ModelFormat, UploadedModel
 from app.upload_stream import Upload
@@ -39,11 +41,11 @@ CONFIG_EXAMPLE = '{"architecture": "digits-cnn", "width": 16}'
 
 
 async def receive_dataset(request: Request, session: Session, settings: Settings, tenant_id: str) -> Dataset:
-    return await _receive(request, settings, settings.datasets_dir, frozenset({"name"}),
-                          lambda upload_id, upload: _store_dataset(session, settings, upload_id, upload, tenant_id))
+    return await _receive(request, session, settings, settings.datasets_dir, frozenset({"name"}),
+                          lambda upload_id, upload: _store_dataset(settings, upload_id, upload, tenant_id))
 
 
-def _store_dataset(session: Session, settings: Settings, dataset_id: str, upload: Upload, tenant_id: str) -> Dataset:
+def _store_dataset(settings: Settings, dataset_id: str, upload: Upload, tenant_id: str) -> Dataset:
     name = _name(upload)
     summary = dataset_files.inspect(upload.path, settings.max_dataset_samples, settings.max_upload_bytes)
     path = _publish(upload, settings.datasets_dir / dataset_id, f"data.{summary.format.value}")
@@ -61,30 +63,31 @@ def _store_dataset(session: Session, settings: Settings, dataset_id: str, upload
         bytes=upload.bytes,
         sha256=upload.sha256,
     )
-    return _record(session, row, path.parent)
+    return row
 
 
 async def receive_model(request: Request, session: Session, settings: Settings, tenant_id: str) -> UploadedModel:
-    return await _receive(request, settings, settings.models_dir, frozenset({"name", "config"}),
-                          lambda upload_id, upload: _store_model(session, settings, upload_id, upload, tenant_id),
+    return await _receive(request, session, settings, settings.models_dir, frozenset({"name", "config"}),
+                          lambda upload_id, upload: _store_model(settings, upload_id, upload, tenant_id),
                           check_filename=model_files.check_filename)
 
 
-async def _receive(request: Request, settings: Settings, folder: Path, fields: frozenset[str],
+async def _receive(request: Request, session: Session, settings: Settings, folder: Path, fields: frozenset[str],
                    store: Callable[[str, Upload], Row], check_filename: Callable[[str], None] | None = None) -> Row:
-    """Stream the upload into `<folder>/<id>.partial`, then check and publish it with `store`
-    (in a thread: it reads the file); the staging folder never outlives the request."""
+    """Stream the upload into `<folder>/<id>.partial`, check and publish it with `store` (in a
+    thread: it reads the file), then record its row; the staging folder never outlives the request."""
     upload_id = uuid.uuid4().hex
     staging = folder / f"{upload_id}.partial"
     try:
         upload = await upload_stream.receive(request, staging / "upload", settings.max_upload_bytes, fields,
                                              check_filename)
-        return await run_in_threadpool(store, upload_id, upload)
+        row = await run_in_threadpool(store, upload_id, upload)
+        return await run_db(_record, session, row, settings.data_dir / Path(row.path).parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already once published
 
 
-def _store_model(session: Session, settings: Settings, model_id: str, upload: Upload, tenant_id: str) -> UploadedModel:
+def _store_model(settings: Settings, model_id: str, upload: Upload, tenant_id: str) -> UploadedModel:
     """Check the upload by what its bytes are (a pickle is refused whatever its name or
     config), then publish it as the folder the worker loads: `model.safetensors` with
     `config.json`, `model.gguf`, or the archive's model folder."""
@@ -115,7 +118,7 @@ def _store_model(session: Session, settings: Settings, model_id: str, upload: Up
         row = UploadedModel(**values, format=ModelFormat.SAFETENSORS, architecture=config["architecture"],
                             config=config, tensors=summary.tensors, parameters=summary.parameters)
     row.path = path.relative_to(settings.data_dir).as_posix()
-    return _record(session, row, path.parent)
+    return row
 
 
 def _no_config(upload: Upload, kind: str) -> None:
@@ -158,22 +161,22 @@ async def receive_within_quota(kind: str, request: Request, session: Session, se
     from the request's Content-Length before the body is read, else once it is in (and removed)."""
     from app import quotas
 
-    quotas.check_upload(session, tenant_id, settings, int(request.headers.get("content-length") or 0))
+    await run_db(quotas.check_upload, session, tenant_id, settings, int(request.headers.get("content-length") or 0))
     receive = receive_dataset if kind == "dataset" else receive_model
     row = await receive(request, session, settings, tenant_id)
     try:
-        quotas.check_upload(session, tenant_id, settings, 0)  # the new row counts now
+        await run_db(quotas.check_upload, session, tenant_id, settings, 0)  # the new row counts now
     except Exception:
-        await run_in_threadpool(delete, session, settings, row)
+        await delete(session, settings, row)
         raise
     return row
 
 
-def delete(session: Session, settings: Settings, row: Dataset | UploadedModel) -> None:
+async def delete(session: Session, settings: Settings, row: Dataset | UploadedModel) -> None:
     """Forget the row, then remove its folder (a crash in between leaves only an unreferenced folder)."""
     folder = settings.data_dir / Path(row.path).parent
-    crud.delete_upload(session, row)
-    shutil.rmtree(folder, ignore_errors=True)
+    await run_db(crud.delete_upload, session, row)
+    await run_in_threadpool(functools.partial(shutil.rmtree, folder, ignore_errors=True))
 
 
 def _name(upload: Upload) -> str:

@@ -7,8 +7,11 @@ instead of failing with "database is locked").
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +21,7 @@ import anyio
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -35,12 +39,19 @@ MIGRATIONS_DIR = Path(app.__file__).resolve().parent.parent / "migrations"
 # with fewer connections than requests in flight, threads wait for one while holding the
 # thread another request needs to finish (SQLAlchemy's default 5 + 10 made that most of a
 # submission's latency at 50 clients). SQLite connections cost a file handle: plenty. A
-# PostgreSQL server allows 100 by default, shared by the API and the workers.
+# PostgreSQL server allows 100 by default, shared by the API and the workers (on PostgreSQL the
+# API's requests draw from the async engine's pool; its sync pool serves the event streams).
 POOL_SIZE = 20
 SQLITE_POOL_OVERFLOW, POSTGRES_POOL_OVERFLOW = 100, 20
 # One engine per URL per process: an engine owns a connection pool.
 _engines: dict[str, tuple[Engine, sessionmaker[Session]]] = {}
+# The API's request sessions on PostgreSQL: the same database through psycopg's asyncio side,
+# per event loop (an async connection waits on the loop that opened it; tests run several).
+_request_makers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, async_sessionmaker[AsyncSession]]]
+_request_makers = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+# Where a request session's sync face keeps the AsyncSession it belongs to (Session.info).
+_ASYNC_SESSION = "qforge.async_session"
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -91,18 +102,49 @@ def new_session() -> Session:
     return _entry(get_settings().database_url)[1]()
 
 
-async def run_db(function: Callable[..., T], /, *args: Any) -> T:
-    """Database work called from async code: run on the event loop itself when the database
-    and broker are SQLite (the embedded default), in a worker thread otherwise.
+def _request_sessionmaker(url: str) -> async_sessionmaker[AsyncSession] | None:
+    """PostgreSQL only (the embedded SQLite runs its queries on the loop as they are; another
+    backend keeps worker threads): an async engine on psycopg 3, whatever driver the URL names
+    for the sync side (the worker and the CLI keep it)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        return None
+    with _lock:
+        makers = _request_makers.setdefault(asyncio.get_running_loop(), {})
+        if url not in makers:
+            engine = create_async_engine(
+                parsed.set(drivername="postgresql+psycopg"),
+                pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POSTGRES_POOL_OVERFLOW,
+            )
+            makers[url] = async_sessionmaker(engine, expire_on_commit=False)
+        return makers[url]
 
-    A SQLite query is CPU work of this process under the GIL, not a wait, and the trip to a
-    thread cost more than the queries: 0.7 to 1 ms of CPU each on this 2-core machine, and
-    under load each trip waits for the GIL behind the other requests' threads (a poll made
-    three). A network database's round trips go to a thread, so that a slow query or a
-    restart never stalls the other requests.
+
+def _async_session_among(values: Iterable[Any]) -> AsyncSession | None:
+    for value in values:
+        if isinstance(value, Session) and _ASYNC_SESSION in value.info:
+            return value.info[_ASYNC_SESSION]
+    return None
+
+
+async def run_db(function: Callable[..., T], /, *args: Any) -> T:
+    """Database work called from async code, `function(*args)` with the request's session
+    among the args: on the event loop itself, its waits on PostgreSQL awaited, or its SQLite
+    queries run as they are; in a worker thread for any other database.
+
+    A trip to a thread costs more than the queries: 0.7 to 1 ms of CPU each on this 2-core
+    machine, and under load each trip waits for the GIL behind the other requests' threads (a
+    poll made three). On PostgreSQL, the request's session is the sync face of an
+    AsyncSession: SQLAlchemy runs `function` in a greenlet that suspends at each round trip,
+    so a slow query or a restart stalls only its own request (at 50 clients, submissions'
+    p99 fell by a quarter against threads, bench/RESULTS.md). A SQLite query is CPU work of
+    this process under the GIL, not a wait: it runs as it is.
     What runs here must end its write transactions before returning (commit or roll back):
     a request holding the file's write lock across an await would block the loop's next
     writer, and with it the request that holds the lock (app/core/sqlite_writes.py)."""
+    async_session = _async_session_among(args)
+    if async_session is not None:
+        return await async_session.run_sync(lambda _sync_face: function(*args))
     if not get_settings().storage_in_process:
         return await run_in_threadpool(function, *args)
     try:
@@ -117,14 +159,41 @@ async def run_db(function: Callable[..., T], /, *args: Any) -> T:
         raise
 
 
+def with_request_session(call: Callable[..., T]) -> Callable[..., Any]:
+    """For a plain (sync) route or dependency that takes the request's session: FastAPI
+    would run it in a worker thread, where an AsyncSession's sync face cannot reach the
+    database; it runs as `run_db` runs database work instead (in a thread still for a
+    database without an async engine here)."""
+
+    @functools.wraps(call)
+    async def run(**values: Any) -> T:
+        async_session = _async_session_among(values.values())
+        if async_session is not None:
+            return await async_session.run_sync(lambda _sync_face: call(**values))
+        return await run_in_threadpool(functools.partial(call, **values))
+
+    return run
+
+
 async def get_session() -> AsyncIterator[Session]:
-    """A request's session (a FastAPI dependency: app.api.deps.SessionDep).
+    """A request's session (a FastAPI dependency: app.api.deps.SessionDep); on PostgreSQL,
+    the sync face of an AsyncSession, for `run_db` and `with_request_session` to use.
 
     Async, so FastAPI makes and closes it in the request's own task: a sync generator
     dependency costs two trips to a worker thread, and under load each trip waits for the
     GIL behind the other requests' threads. Making a session does no I/O; closing one that
     still holds a connection (a read's transaction to roll back) is database work
     (`run_db`), shielded so that a client hanging up cannot leave the connection checked out."""
+    request_sessions = _request_sessionmaker(get_settings().database_url)
+    if request_sessions is not None:
+        async_session = request_sessions()
+        async_session.sync_session.info[_ASYNC_SESSION] = async_session
+        try:
+            yield async_session.sync_session
+        finally:
+            with anyio.CancelScope(shield=True):
+                await async_session.close()
+        return
     session = new_session()
     try:
         yield session
@@ -157,6 +226,11 @@ def dispose_engines(close: bool = True) -> None:
         for engine, _ in _engines.values():
             engine.dispose(close=close)
         _engines.clear()
+        # an async engine's connections belong to the loop that opened them: dropped, not closed
+        for makers in _request_makers.values():
+            for request_sessions in makers.values():
+                request_sessions.kw["bind"].sync_engine.dispose(close=False)
+        _request_makers.clear()
 
 
 def _alembic_config(url: str):

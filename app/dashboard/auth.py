@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from app import logctx
 from app.auth import caller_for_key
-from app.core.db import get_session
+from app.core.db import get_session, with_request_session
 from app.models import Scope
 
 API_KEY_COOKIE = "qforge_api_key"
@@ -56,6 +56,7 @@ class PageForbidden(Exception):
     """Answered with the dashboard's HTML 403 page."""
 
 
+@with_request_session
 def current_principal(request: Request, session: Annotated[Session, Depends(get_session)]) -> Principal:
     if request.method not in ("GET", "HEAD") and not same_origin(request):
         raise PageForbidden("This form was sent from another site; open the page here and send it again.")

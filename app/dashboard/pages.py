@@ -16,6 +16,7 @@ from sse_starlette import EventSourceResponse
 from app import artifacts, joblog, jobs
 from app.api.deps import SessionDep, SettingsDep
 from app.artifact_store import store_for
+from app.core.db import with_request_session
 from app.crud import get_job
 from app.dashboard import charts, live
 from app.auth import caller_for_key
@@ -74,6 +75,7 @@ def job_list_live(
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
+@with_request_session
 def job_page(request: Request, job_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep):
     job = JobOut.from_row(load_job(session, job_id, principal), settings)
     # the whole stored log (at most job_log_max_lines); the live stream goes on after its last line
@@ -83,6 +85,7 @@ def job_page(request: Request, job_id: str, principal: PrincipalDep, session: Se
 
 
 @router.get("/jobs/{job_id}/live")
+@with_request_session
 def job_live(
     job_id: str,
     principal: PrincipalDep,
@@ -99,6 +102,7 @@ def job_live(
 
 
 @router.post("/jobs/{job_id}/cancel")
+@with_request_session
 def cancel(job_id: str, principal: SubmitterPrincipalDep, session: SessionDep):
     job = load_job(session, job_id, principal)
     try:
@@ -109,6 +113,7 @@ def cancel(job_id: str, principal: SubmitterPrincipalDep, session: SessionDep):
 
 
 @router.get("/jobs/{job_id}/report", response_class=HTMLResponse)
+@with_request_session
 def report_page(request: Request, job_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep):
     row = load_job(session, job_id, principal)
     job = JobOut.from_row(row, settings)
@@ -124,6 +129,7 @@ def report_page(request: Request, job_id: str, principal: PrincipalDep, session:
 
 
 @router.get("/jobs/{job_id}/download")
+@with_request_session
 def download(
     job_id: str,
     principal: PrincipalDep,
@@ -139,6 +145,7 @@ def download(
 
 
 @router.get("/compare", response_class=HTMLResponse)
+@with_request_session
 def compare(
     request: Request,
     principal: PrincipalDep,
@@ -174,6 +181,7 @@ def sign_in(request: Request, next: Annotated[str | None, Query(max_length=2000)
 
 
 @router.post("/sign-in", response_class=HTMLResponse)
+@with_request_session
 def sign_in_with_key(
     request: Request,
     session: SessionDep,

@@ -17,6 +17,7 @@ from starlette.datastructures import FormData
 
 from app import crud, jobs, uploads
 from app.api.deps import SessionDep, SettingsDep
+from app.core.db import run_db, with_request_session
 from app.dashboard import forms
 from app.dashboard.auth import Principal, PrincipalDep, SubmitterPrincipalDep
 from app.dashboard.templating import page
@@ -32,11 +33,12 @@ UPLOADS_SHOWN = 100
 
 
 async def form_data(request: Request) -> FormData:
-    # Read on the event loop; the route itself runs in a thread (it uses the database).
+    # Read on the event loop, as an await; the route's own body is sync (with_request_session).
     return await request.form()
 
 
 @router.get("/jobs/new", response_class=HTMLResponse)
+@with_request_session
 def new_job(
     request: Request,
     principal: SubmitterPrincipalDep,
@@ -62,6 +64,7 @@ def recipe_editor(
 
 
 @router.post("/jobs/new", response_class=HTMLResponse)
+@with_request_session
 def submit_job(
     request: Request,
     principal: SubmitterPrincipalDep,
@@ -93,7 +96,7 @@ async def upload_model(request: Request, principal: SubmitterPrincipalDep, sessi
     try:
         model = await uploads.receive_within_quota("model", request, session, settings, principal.tenant)
     except Problem as problem:
-        return _upload_failed(request, principal, session, "model", problem)
+        return await run_db(_upload_failed, request, principal, session, "model", problem)
     query = urlencode({"kind": "classic", "model": f"upload:{model.id}", "uploaded": f"model {model.name}"})
     return RedirectResponse(f"/jobs/new?{query}", status_code=303)
 
@@ -103,7 +106,7 @@ async def upload_dataset(request: Request, principal: SubmitterPrincipalDep, ses
     try:
         dataset = await uploads.receive_within_quota("dataset", request, session, settings, principal.tenant)
     except Problem as problem:
-        return _upload_failed(request, principal, session, "dataset", problem)
+        return await run_db(_upload_failed, request, principal, session, "dataset", problem)
     query = urlencode({"kind": "classic", "uploaded": f"dataset {dataset.name}"})
     return RedirectResponse(f"/jobs/new?{query}", status_code=303)
 

@@ -10,11 +10,13 @@ from fastapi import APIRouter, Header, Path, Query, Response
 from app import artifacts
 from app.api.deps import SessionDep, SettingsDep
 from app.artifact_store import store_for
+from app.core.db import with_request_session
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
 
 @router.get("/{file}")
+@with_request_session
 def download_by_link(
     file: Annotated[str, Path(max_length=128)],
     expires: Annotated[int, Query(description="the link's expiry, Unix seconds")],

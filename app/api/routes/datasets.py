@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app import crud, uploads
 from app.api.deps import DatasetDep, SessionDep, SettingsDep
+from app.core.db import with_request_session
 from app.schemas import DatasetOut, DatasetPage
 from app.auth import CallerDep, SubmitterDep, authenticate, require
 from app.models import Dataset, Scope
@@ -33,6 +34,7 @@ async def upload_dataset(
 
 
 @router.get("", response_model=DatasetPage)
+@with_request_session
 def list_datasets(
     session: SessionDep,
     caller: CallerDep,
@@ -49,5 +51,5 @@ def get_dataset(dataset: DatasetDep) -> DatasetOut:
 
 
 @router.delete("/{dataset_id}", status_code=204, dependencies=[Depends(require(Scope.SUBMIT))])
-def delete_dataset(dataset: DatasetDep, session: SessionDep, settings: SettingsDep) -> None:
-    uploads.delete(session, settings, dataset)
+async def delete_dataset(dataset: DatasetDep, session: SessionDep, settings: SettingsDep) -> None:
+    await uploads.delete(session, settings, dataset)

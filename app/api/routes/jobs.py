@@ -1,10 +1,10 @@
 """/v1/jobs: submit, list, inspect, follow, read the log, cancel, and fetch the report and artifact.
 
 The calls a pipeline makes over and over (submit, list, poll, read the log, cancel) are async
-routes whose database work is one `run_db` call (on the loop for the embedded default, else
-one trip to a worker thread): FastAPI runs a plain route in a thread and then validates its
-answer in another, and under load every trip waits for the GIL behind the other requests'
-threads (at 50 clients, most of a submission's latency).
+routes whose database work is one `run_db` call, on the event loop (app.core.db): FastAPI
+runs a plain route in a thread and then validates its answer in another, and under load every
+trip waits for the GIL behind the other requests' threads (at 50 clients, most of a
+submission's latency).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sse_starlette import EventSourceResponse
 from app import artifacts, crud, joblog, jobs, try_model
 from app.artifact_store import ArtifactStoreError, store_for
 from app.api.deps import JobDep, SessionDep, SettingsDep
-from app.core.db import run_db
+from app.core.db import run_db, with_request_session
 from app.auth import CallerDep, SubmitterDep, authenticate, require
 from app.errors import validation_problem
 from app.events import job_events
@@ -114,6 +114,7 @@ def link_artifact(job: JobDep, settings: SettingsDep, request: Request, body: Ar
 
 
 @router.delete("/{job_id}/artifacts", response_model=JobOut, dependencies=SUBMIT)
+@with_request_session
 def delete_artifacts(job: JobDep, session: SessionDep, settings: SettingsDep) -> JobOut:
     """Delete every artifact of a finished job from the store; the job and its report stay.
     Repeating it is harmless."""

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Path, Response
 from app import quotas, tenants
 from app.api.deps import SessionDep, SettingsDep
 from app.auth import AdminDep, CallerDep, authenticate
+from app.core.db import with_request_session
 from app.errors import Problem
 from app.models import Tenant
 from app.schemas import ApiKeyOut, ApiKeyRequest, Identity, NewApiKey
@@ -20,6 +21,7 @@ router = APIRouter(prefix="/v1", tags=["keys"], dependencies=[Depends(authentica
 
 
 @router.get("/me", response_model=Identity)
+@with_request_session
 def who_am_i(caller: CallerDep, session: SessionDep, settings: SettingsDep) -> Identity:
     """The tenant and scope of the key this call was made with, the tenant's limits and how
     much of them it uses."""
@@ -30,11 +32,13 @@ def who_am_i(caller: CallerDep, session: SessionDep, settings: SettingsDep) -> I
 
 
 @router.get("/keys", response_model=list[ApiKeyOut])
+@with_request_session
 def list_keys(caller: AdminDep, session: SessionDep, include_revoked: bool = False) -> list[ApiKeyOut]:
     return [ApiKeyOut.model_validate(k) for k in tenants.list_keys(session, caller.tenant_id, include_revoked)]
 
 
 @router.post("/keys", status_code=201, response_model=NewApiKey)
+@with_request_session
 def create_key(body: ApiKeyRequest, caller: AdminDep, session: SessionDep, response: Response) -> NewApiKey:
     """A new key of the caller's tenant. The answer holds the key itself, the only time it is shown."""
     new = tenants.create_key(session, caller.tenant_id, body.scope, body.name)
@@ -43,6 +47,7 @@ def create_key(body: ApiKeyRequest, caller: AdminDep, session: SessionDep, respo
 
 
 @router.delete("/keys/{key_id}", status_code=204)
+@with_request_session
 def revoke_key(key_id: Annotated[str, Path(max_length=64)], caller: AdminDep, session: SessionDep) -> None:
     """Revoke one of the tenant's keys (the caller's own too); it stops working at once."""
     if tenants.revoke_key(session, key_id, caller.tenant_id) is None:

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app import crud, uploads
 from app.api.deps import SessionDep, SettingsDep, UploadedModelDep
+from app.core.db import with_request_session
 from app.schemas import ModelOut, ModelPage
 from app.auth import CallerDep, SubmitterDep, authenticate, require
 from app.models import Scope, UploadedModel
@@ -38,6 +39,7 @@ async def upload_model(
 
 
 @router.get("", response_model=ModelPage)
+@with_request_session
 def list_models(
     session: SessionDep,
     caller: CallerDep,
@@ -54,5 +56,5 @@ def get_model(model: UploadedModelDep) -> ModelOut:
 
 
 @router.delete("/{model_id}", status_code=204, dependencies=[Depends(require(Scope.SUBMIT))])
-def delete_model(model: UploadedModelDep, session: SessionDep, settings: SettingsDep) -> None:
-    uploads.delete(session, settings, model)
+async def delete_model(model: UploadedModelDep, session: SessionDep, settings: SettingsDep) -> None:
+    await uploads.delete(session, settings, model)
