@@ -41,7 +41,7 @@ def machine_header() -> list[str]:
     from importlib.metadata import version
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    versions = ", ".join(f"{p} {version(p)}" for p in ("qforge", "fastapi", "sqlalchemy", "celery", "schemathesis"))
+    versions = ", ".join(f"{p} {version(p)}" for p in ("qforge", "fastapi", "sqlalchemy", "psycopg", "celery", "schemathesis"))
     return [f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}", f"versions: {versions}",
             f"seed: {SEED}", f"date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC"]
 
