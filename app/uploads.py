@@ -82,7 +82,7 @@ async def _receive(request: Request, session: Session, settings: Settings, folde
         upload = await upload_stream.receive(request, staging / "upload", settings.max_upload_bytes, fields,
                                              check_filename)
         row = await run_in_threadpool(store, upload_id, upload)
-        return await run_db(_record, session, row, settings.data_dir / Path(row.path).parent)
+        return await run_db(_record, session, row, _folder_of(settings, row))
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already once published
 
@@ -174,9 +174,14 @@ async def receive_within_quota(kind: str, request: Request, session: Session, se
 
 async def delete(session: Session, settings: Settings, row: Dataset | UploadedModel) -> None:
     """Forget the row, then remove its folder (a crash in between leaves only an unreferenced folder)."""
-    folder = settings.data_dir / Path(row.path).parent
+    folder = _folder_of(settings, row)
     await run_db(crud.delete_upload, session, row)
     await run_in_threadpool(functools.partial(shutil.rmtree, folder, ignore_errors=True))
+
+
+def _folder_of(settings: Settings, row: Dataset | UploadedModel) -> Path:
+    """The published folder an upload's row points into (its path is relative to the data folder)."""
+    return settings.data_dir / Path(row.path).parent
 
 
 def _name(upload: Upload) -> str:

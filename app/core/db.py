@@ -102,18 +102,23 @@ def new_session() -> Session:
     return _entry(get_settings().database_url)[1]()
 
 
+@lru_cache
+def _is_postgres(url: str) -> bool:
+    # asked on every request: the URL is parsed once, not each time
+    return make_url(url).get_backend_name() == "postgresql"
+
+
 def _request_sessionmaker(url: str) -> async_sessionmaker[AsyncSession] | None:
     """PostgreSQL only (the embedded SQLite runs its queries on the loop as they are; another
     backend keeps worker threads): an async engine on psycopg 3, whatever driver the URL names
     for the sync side (the worker and the CLI keep it)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "postgresql":
+    if not _is_postgres(url):
         return None
     with _lock:
         makers = _request_makers.setdefault(asyncio.get_running_loop(), {})
         if url not in makers:
             engine = create_async_engine(
-                parsed.set(drivername="postgresql+psycopg"),
+                make_url(url).set(drivername="postgresql+psycopg"),
                 pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POSTGRES_POOL_OVERFLOW,
             )
             makers[url] = async_sessionmaker(engine, expire_on_commit=False)
