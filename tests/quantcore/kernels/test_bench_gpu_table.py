@@ -1,4 +1,4 @@
-"""bench/kernels.py's GPU table is measured only where a GPU is lent, rarely: its code runs
+"""bench/kernel_speed.py's GPU table is measured only where a GPU is lent, rarely: its code runs
 here on tiny shapes through Triton's interpreter (--gpu-dry-run), so a GPU session spends
 its minutes measuring, not debugging the script."""
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[3]
 def test_gpu_table_code_runs_through_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "kernels.py"), "--gpu-dry-run"],
+        [sys.executable, str(ROOT / "bench" / "kernel_speed.py"), "--gpu-dry-run"],
         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -17,8 +17,8 @@ batch (1, 16, 64), fp16 F.linear (cuBLAS) against the Triton kernels: W4A16 g128
 W8A8, fp8 W8A8 (compute capability ≥ 8.9), and SVDQuant's fused W4A4 r32 (against W4A16);
 without a GPU these figures stay open and the script says so.
 
-    python bench/kernels.py [--repeat 30] [--results bench/RESULTS.md] [--gpu-only]
-    TRITON_INTERPRET=1 python bench/kernels.py --gpu-dry-run   # the GPU code on the CPU, tiny shapes
+    python bench/kernel_speed.py [--repeat 30] [--results bench/RESULTS.md] [--gpu-only]
+    TRITON_INTERPRET=1 python bench/kernel_speed.py --gpu-dry-run   # the GPU code on the CPU, tiny shapes
 """
 
 from __future__ import annotations
