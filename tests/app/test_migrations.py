@@ -110,3 +110,47 @@ def test_model_formats_migration_downgrades_and_upgrades(settings):
     command.upgrade(config, "head")
     with get_engine().connect() as connection:
         assert all(f"'{v}'" in formats(connection) for v in ("safetensors", "hf-folder", "gguf"))
+
+
+def test_job_listing_index_migration_downgrades_and_upgrades(settings):
+    def job_indexes() -> dict[str, list[str]]:
+        with get_engine().connect() as connection:
+            return {i["name"]: i["column_names"] for i in inspect(connection).get_indexes("jobs")}
+
+    config = _alembic_config(settings.database_url)
+    command.downgrade(config, "0009")
+    assert job_indexes()["ix_jobs_tenant_id"] == ["tenant_id"] and "ix_jobs_tenant_created" not in job_indexes()
+    assert job_indexes()["ix_jobs_tenant_stored_artifacts"] == ["tenant_id"]
+    command.upgrade(config, "head")
+    assert job_indexes()["ix_jobs_tenant_created"] == ["tenant_id", "created_at", "id"]
+    assert "ix_jobs_tenant_id" not in job_indexes()
+    assert job_indexes()["ix_jobs_tenant_stored_artifacts"] == [
+        "tenant_id", "artifacts_total_bytes", "artifact_bytes", "artifact_path", "artifacts_deleted_at"]
+
+
+def test_a_tenants_newest_jobs_page_is_read_in_index_order_not_sorted(settings):
+    """SQLite's own plan for the listing's page query, captured as crud.list_jobs sends it:
+    the page comes from the (tenant, created_at, id) index, with no sort of the tenant's jobs."""
+    from sqlalchemy import event
+
+    from app import crud
+    from app.core.db import session_scope
+
+    sent: list[tuple[str, tuple]] = []
+
+    def capture(_conn, _cursor, statement, parameters, _context, _many) -> None:
+        if "ORDER BY" in statement:
+            sent.append((statement, parameters))
+
+    engine = get_engine()
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        with session_scope() as session:
+            crud.list_jobs(session, "default", None, limit=20, offset=0)
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    [(statement, parameters)] = sent
+    with engine.connect() as connection:
+        plan = " | ".join(row[-1] for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters))
+    assert "ix_jobs_tenant_created" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan

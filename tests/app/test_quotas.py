@@ -142,7 +142,7 @@ def test_the_quota_check_reads_only_active_jobs_and_jobs_holding_artifacts(clien
         assert f"tenant_id = '{DEFAULT_TENANT}'" in sql
         plan = " | ".join(row[-1] for row in session.execute(text(f"EXPLAIN QUERY PLAN {sql}")))
     assert "jobs USING COVERING INDEX ix_jobs_tenant_status (tenant_id=? AND status=?)" in plan, plan
-    assert "jobs USING INDEX ix_jobs_tenant_stored_artifacts (tenant_id=?)" in plan, plan
+    assert "jobs USING COVERING INDEX ix_jobs_tenant_stored_artifacts (tenant_id=?)" in plan, plan
 
 
 def test_admin_cli_sets_and_resets_a_tenant_s_limits(settings, capsys):
