@@ -21,7 +21,7 @@ NON_JSON_OK = ("text/event-stream", "application/x-tar", "application/octet-stre
 class FuzzResult:
     cases: int = 0
     by_status: dict[int, int] = field(default_factory=dict)
-    server_errors: list[str] = field(default_factory=list)  # 5xx: method, path, status, the request as curl
+    server_errors: list[str] = field(default_factory=list)  # 5xx: method, path, status, the answer, the request as curl
     not_problems: list[str] = field(default_factory=list)  # 4xx without a problem document
 
     def record(self, case, response) -> None:
@@ -30,7 +30,7 @@ class FuzzResult:
         self.by_status[status] = self.by_status.get(status, 0) + 1
         where = f"{case.method} {case.formatted_path} -> {status}"
         if status >= 500:
-            self.server_errors.append(f"{where}: {case.as_curl_command()}")
+            self.server_errors.append(f"{where}: {response.text[:300]!r}; {case.as_curl_command()}")
         elif status >= 400:
             media = response.headers.get("content-type") or ""
             media = media[0] if isinstance(media, list) else media  # schemathesis keeps every value of a header

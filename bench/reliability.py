@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                     fz = figures.setdefault("fuzz", {})[backend] = run_fuzz(folder / backend, args.fuzz_cases, **settings)
                     print(f"fuzz cases / 5xx, {backend}: {fz['fuzz_cases']} / {fz['fuzz_5xx']} "
                           f"(errors not problem+json: {fz['fuzz_errors_not_problem_json']})", flush=True)
+                    for example in fz["examples"]:  # at once: a later part that fails must not hide them
+                        print(f"  {example}", flush=True)
         if "hostile" in parts:
             figures.update(run_hostile(folder))
             print(f"hostile uploads / accepted: {figures['hostile_uploads']} / {figures['hostile_accepted']}", flush=True)
