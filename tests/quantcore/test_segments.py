@@ -66,26 +66,32 @@ def _agreement(reference, model):
 
 
 def test_one_pass_equals_the_textbook_true_sequential_gptq():
+    """In float64: the two procedures sum the same products in different orders (a block's
+    segments against the whole model), and in float32 that difference alone flipped a code
+    sitting on a rounding boundary now and then, a flip GPTQ's error feedback then carries
+    into every later code of its row and into every later layer (on one machine, the same
+    test and library versions agreed on 97% of the codes). In float64 the inputs round to the
+    same float32 Hessian, so the procedures themselves are compared."""
     data = samples()
     stage = Recipe.parse({"stages": [STAGE]}).stages[0]
-    reference = tiny_llama()
+    reference = tiny_llama().double()
     reference_true_sequential(reference, data, stage)
     with torch.no_grad():
         want = torch.cat([reference(x).logits for x in data])
     agreement, error = {}, {}
     for true_sequential in (True, False):
-        model = tiny_llama()
+        model = tiny_llama().double()
         quantize(model, {"stages": [{**STAGE, "options": {"true_sequential": true_sequential}}]}, calibration=data,
-                 compute_dtype="float32")
+                 compute_dtype="float64")
         agreement[true_sequential] = _agreement(reference, model)
         with torch.no_grad():
             got = torch.cat([model(x).logits for x in data])
         error[true_sequential] = float((got - want).norm() / want.norm())
-    # the same codes up to a rare tie flipped by float summation order; the two-pass driver
-    # (every layer calibrated on float inputs) is visibly a different procedure
-    assert agreement[True] > 0.995, agreement
+    # the same codes; the two-pass driver (every layer calibrated on float inputs) is visibly
+    # a different procedure
+    assert agreement[True] > 0.999, agreement
     assert agreement[False] < agreement[True] - 0.02, agreement
-    assert error[True] < 0.2 * error[False], error
+    assert error[True] < 0.01 * error[False], error
 
 
 def test_two_pass_fallback_still_available():
