@@ -256,17 +256,30 @@ def migrate(url: str | None = None) -> None:
 
 
 @lru_cache
-def _migration_heads() -> frozenset[str]:
+def _migrations() -> tuple[frozenset[str], frozenset[str]]:
+    """(this code's newest revisions, every revision it has), read once per process."""
     from alembic.script import ScriptDirectory
 
-    return frozenset(ScriptDirectory.from_config(_alembic_config("")).get_heads())
+    script = ScriptDirectory.from_config(_alembic_config(""))
+    return frozenset(script.get_heads()), frozenset(r.revision for r in script.walk_revisions())
 
 
-def schema_is_current() -> bool:
-    """True when the database answers and is at the newest migration (readiness)."""
+def schema_problem() -> str | None:
+    """None when the database answers and is at this code's newest migration (readiness);
+    otherwise what is wrong, and what to run. A database migrated by a newer qforge (a
+    revision this code does not have) is not fixed by `qforge migrate` here."""
     with get_engine().connect() as connection:
         try:
-            current = set(connection.execute(text("SELECT version_num FROM alembic_version")).scalars())
-        except DBAPIError:  # no alembic_version table: never migrated
-            return False
-    return frozenset(current) == _migration_heads()
+            current = frozenset(connection.execute(text("SELECT version_num FROM alembic_version")).scalars())
+        except DBAPIError:  # no alembic_version table
+            current = frozenset()
+    heads, known = _migrations()
+    if current == heads:
+        return None
+    if not current:
+        return "the database was never migrated; run `qforge migrate`"
+    if unknown := sorted(current - known):
+        return (f"the schema is at migration {', '.join(unknown)}, which this qforge does not have (newest: "
+                f"{', '.join(sorted(heads))}): a newer qforge migrated the database; run that version")
+    return (f"the schema is at migration {', '.join(sorted(current))}, older than this qforge's newest "
+            f"({', '.join(sorted(heads))}); run `qforge migrate`")

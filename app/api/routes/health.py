@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from app import queue
 from app.artifact_store import store_for
 from app.core.config import get_settings
-from app.core.db import schema_is_current
+from app.core.db import schema_problem
 from app.errors import Problem
 from app.schemas import Health
 
@@ -37,8 +37,8 @@ def readyz() -> Health:
 
 
 def _database() -> None:
-    if not schema_is_current():
-        raise RuntimeError("the schema is not at the newest migration; run `qforge migrate`")
+    if (problem := schema_problem()) is not None:
+        raise RuntimeError(problem)
 
 
 def _check(probe) -> str:
